@@ -1,0 +1,445 @@
+"""DefenseChain: runs the configured defenses in config order with their modes and failure policies.
+
+The chain decides; fronts and the sidecar only translate. It is immutable: a config reload builds a
+new chain and swaps it in, so a request never sees half of one config and half of another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .base import AdmissionDefense, Defense, Deps, Mode, OnError, ResponseDefense, SamplingDefense
+from .canonical import context_digest
+from .clock import SYSTEM_CLOCK, Clock
+from .config import IdentitySettings, LoadedConfig
+from .errors import DefenseFailure, InvalidInput
+from .metrics import Metrics
+from .types import (
+    Cost,
+    Decision,
+    LogprobBatch,
+    OutputKind,
+    RequestContext,
+    Rewrites,
+    SettleStatus,
+    Usage,
+    Verdict,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("distillguard.chain")
+
+_LOGPROB_SLACK = 1e-4  # engines return log-softmax values that can round a hair above 0
+_PROB_SUM_TOL = 1e-3  # float32 probability vectors from a softmax sum to 1 within this
+
+
+@dataclass(frozen=True, slots=True)
+class ChainEntry:
+    name: str
+    defense: Defense
+    mode: Mode = Mode.ENFORCE
+    on_error: OnError = OnError.FAIL_OPEN
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What one defense did to one request (for the demo, audit logs and tests)."""
+
+    defense: str
+    mode: Mode
+    verdict: Verdict | None = None
+    error: str = ""  # the exception type when it raised
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    decision: Decision
+    ctx: RequestContext  # the request after rewrites, with its context digest and strength
+    reason: str = ""
+    reason_code: str = ""
+    retry_after_s: float = 0.0
+    reservation_id: str = ""
+    rewrites: Rewrites = Rewrites()
+    shadow: bool = False  # a shadow-mode defense would have refused
+    decided_by: str = ""
+    steps: tuple[Step, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        return not self.decision.refuses
+
+
+@dataclass(frozen=True, slots=True)
+class Protected:
+    batch: LogprobBatch
+    applied: tuple[str, ...] = ()  # defenses that changed the output (enforce mode)
+    steps: tuple[Step, ...] = ()
+
+
+@dataclass(slots=True)
+class _Record:
+    admission: Admission
+    expires: float
+    admitted_by: tuple[int, ...] = ()
+    settled: bool = False
+
+
+@dataclass(slots=True)
+class _Ledger:
+    """Recent admissions by (tenant, client, request_id): makes Admit and Settle idempotent on retries.
+
+    Bounded (LRU) and time-limited; the durable idempotency of charges lives in the budget store, so a
+    retry that reaches another replica or a restarted sidecar is still charged once.
+    """
+
+    max_entries: int = 100_000
+    ttl_s: float = 3600.0
+    records: OrderedDict[tuple[str, str, str], _Record] = field(default_factory=OrderedDict)
+
+    def get(self, key: tuple[str, str, str], now: float) -> _Record | None:
+        rec = self.records.get(key)
+        if rec is None:
+            return None
+        if rec.expires < now:
+            del self.records[key]
+            return None
+        self.records.move_to_end(key)
+        return rec
+
+    def put(self, key: tuple[str, str, str], rec: _Record) -> None:
+        self.records[key] = rec
+        self.records.move_to_end(key)
+        while len(self.records) > self.max_entries:
+            self.records.popitem(last=False)
+
+
+def _key(ctx: RequestContext) -> tuple[str, str, str]:
+    return (ctx.tenant, ctx.client_id, ctx.request_id)
+
+
+def check_values(batch: LogprobBatch) -> None:
+    """Refuse a batch no engine could have produced, rather than return a silently wrong distribution."""
+    v = batch.values
+    present = batch.present
+    vals = v[present]
+    if batch.kind is OutputKind.TOP_LOGPROBS:
+        # -inf is a legitimate logprob (probability 0); NaN and +inf are not
+        if np.isnan(vals).any() or np.isposinf(vals).any():
+            raise InvalidInput("logprobs contain NaN or +infinity")
+    elif not np.isfinite(vals).all():
+        raise InvalidInput("probabilities contain NaN or infinity")
+    if batch.kind is OutputKind.TOP_LOGPROBS:
+        if vals.size and float(vals.max()) > _LOGPROB_SLACK:
+            raise InvalidInput(f"logprobs must be <= 0, got {float(vals.max()):.6g}")
+        if batch.token_ids.size and (batch.token_ids[present] < 0).any():
+            raise InvalidInput("token ids must be >= 0 (-1 marks a missing alternative)")
+        # a top-k's total probability cannot exceed 1
+        total = np.where(present, np.exp(np.minimum(v, 0.0)), 0.0).sum(axis=1)
+        if total.size and float(total.max()) > 1.0 + _PROB_SUM_TOL:
+            raise InvalidInput(f"a position's top-k probabilities sum to {float(total.max()):.6g} > 1")
+    else:
+        if vals.size and float(vals.min()) < 0:
+            raise InvalidInput(f"probabilities must be >= 0, got {float(vals.min()):.6g}")
+        sums = v.sum(axis=1)
+        if sums.size and float(np.abs(sums - 1.0).max()) > _PROB_SUM_TOL:
+            raise InvalidInput(f"each probability vector must sum to 1, got a sum of {float(sums[np.argmax(np.abs(sums - 1))]):.6g}")
+
+
+class DefenseChain:
+    """A list of defenses that is itself a defense of all three kinds (config order)."""
+
+    def __init__(
+        self,
+        entries: Sequence[ChainEntry],
+        *,
+        metrics: Metrics | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        identity: IdentitySettings = IdentitySettings(),
+        ledger_size: int = 100_000,
+        ledger_ttl_s: float = 3600.0,
+    ) -> None:
+        names = [e.name for e in entries]
+        if len(set(names)) != len(names):
+            raise ValueError(f"defense names must be unique, got {names}")
+        self.entries = tuple(entries)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.clock = clock
+        self.identity = identity
+        live = [(i, e) for i, e in enumerate(self.entries) if e.mode is not Mode.OFF]
+        self.admission = tuple((i, e) for i, e in live if isinstance(e.defense, AdmissionDefense))
+        self.sampling = tuple((i, e) for i, e in live if isinstance(e.defense, SamplingDefense))
+        self.response = tuple((i, e) for i, e in live if isinstance(e.defense, ResponseDefense))
+        self._ledger = _Ledger(max_entries=ledger_size, ttl_s=ledger_ttl_s)
+        # label children bound once: a labels() lookup per call would cost more than a cheap defense
+        m = self.metrics
+        self._timers = {(e.name, s): m.defense_duration.labels(e.name, s)
+                        for e in self.entries for s in ("admit", "settle", "protect", "sample")}
+        self._closed = False
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, loaded: LoadedConfig, *, deps: Deps, **kwargs: Any) -> DefenseChain:
+        """Build every defense; if one fails to build, those already built are closed and the error raised."""
+        entries: list[ChainEntry] = []
+        try:
+            for b in loaded.defenses:
+                entries.append(ChainEntry(b.name, b.cls(b.params, deps=deps), b.mode, b.on_error))
+        except BaseException:
+            for e in entries:
+                _close_quietly(e)
+            raise
+        metrics = deps.metrics if deps.metrics is not None else kwargs.pop("metrics", None)
+        return cls(entries, metrics=metrics, clock=deps.clock, identity=loaded.config.identity, **kwargs)
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def sampling_defenses(self) -> tuple[SamplingDefense, ...]:
+        return tuple(e.defense for _, e in self.sampling if e.mode is Mode.ENFORCE)  # type: ignore[misc]
+
+    # -- admission ------------------------------------------------------------------------------
+    def prepare(self, ctx: RequestContext) -> RequestContext:
+        """Fill what the chain derives from a request: its context digest and arrival time."""
+        changes: dict[str, Any] = {}
+        if not ctx.context_digest:
+            changes["context_digest"] = context_digest(ctx.model, ctx.prompt)
+        if not ctx.received_at:
+            changes["received_at"] = self.clock.now()
+        return replace(ctx, **changes) if changes else ctx
+
+    def estimate(self, ctx: RequestContext) -> Cost:
+        return Cost.estimate(ctx, chars_per_token=self.identity.chars_per_token,
+                             default_max_tokens=self.identity.default_max_tokens)
+
+    def admit(self, ctx: RequestContext) -> Admission:
+        """Run admission defenses in order; the first enforced refusal decides. Idempotent on request_id."""
+        now = self.clock.now()
+        key = _key(ctx)
+        rec = self._ledger.get(key, now)
+        if rec is not None:
+            return rec.admission
+        ctx = self.prepare(ctx)
+        m = self.metrics
+        steps: list[Step] = []
+        admitted: list[int] = []
+        rewrites = Rewrites()
+        strength = ctx.strength
+        shadow = False
+        reservation = ""
+        refusal: tuple[str, Verdict] | None = None
+        for idx, e in self.admission:
+            d: AdmissionDefense = e.defense  # type: ignore[assignment]
+            t0 = self.clock.monotonic()
+            try:
+                verdict = d.admit(ctx, self.estimate(ctx))
+            except InvalidInput:
+                self._release(ctx, admitted)
+                raise
+            except Exception as exc:  # noqa: BLE001 - the policy decides what a failure means
+                dt = self.clock.monotonic() - t0
+                self._timers[(e.name, "admit")].observe(dt)
+                steps.append(Step(e.name, e.mode, error=type(exc).__name__, seconds=dt))
+                if self._failed(e, "admit", exc, ctx):
+                    self._release(ctx, admitted)
+                    raise DefenseFailure(e.name, "admit", exc) from exc
+                continue
+            dt = self.clock.monotonic() - t0
+            self._timers[(e.name, "admit")].observe(dt)
+            steps.append(Step(e.name, e.mode, verdict=verdict, seconds=dt))
+            admitted.append(idx)
+            m.defense_decisions.labels(e.name, verdict.decision.value, e.mode.value).inc()
+            if e.mode is Mode.SHADOW:
+                if verdict.decision.refuses or not verdict.rewrites.empty or verdict.strength != 1.0:
+                    m.shadow_effects.labels(e.name, "admit").inc()
+                    shadow = shadow or verdict.decision.refuses
+                continue
+            if verdict.decision.refuses:
+                refusal = (e.name, verdict)
+                break
+            if not verdict.rewrites.empty:
+                for fname in _changed_fields(verdict.rewrites):
+                    m.rewrites.labels(e.name, fname).inc()
+                rewrites = rewrites.merge(verdict.rewrites)
+                ctx = verdict.rewrites.apply(ctx)
+            strength = max(strength, verdict.strength)
+            reservation = reservation or verdict.reservation_id
+        if refusal is not None:
+            name, v = refusal
+            self._release(ctx, [i for i in admitted if self.entries[i].name != name])
+            result = Admission(v.decision, ctx, reason=v.reason, reason_code=v.reason_code,
+                               retry_after_s=v.retry_after_s, shadow=shadow, decided_by=name, steps=tuple(steps))
+        else:
+            ctx = replace(ctx, strength=strength) if strength != ctx.strength else ctx
+            decision = Decision.ALLOW if rewrites.empty else Decision.ALLOW_MODIFIED
+            result = Admission(decision, ctx, reservation_id=reservation or _reservation_id(ctx), rewrites=rewrites,
+                               shadow=shadow, steps=tuple(steps))
+        m.requests.labels(result.decision.value, "true" if shadow else "false").inc()
+        self._ledger.put(key, _Record(result, now + self._ledger.ttl_s, tuple(admitted), settled=result.decision.refuses))
+        return result
+
+    def settle(self, ctx: RequestContext, usage: Usage) -> bool:
+        """Charge actual usage to every admission defense. Returns False for a retry (charged once)."""
+        now = self.clock.now()
+        rec = self._ledger.get(_key(ctx), now)
+        if rec is not None and rec.settled:
+            self.metrics.settles.labels(usage.status.value, "true").inc()
+            return False
+        if rec is not None:
+            rec.settled = True
+            ctx = rec.admission.ctx
+            targets = rec.admitted_by
+        else:  # admitted by another replica or before a restart: stores settle idempotently on request_id
+            targets = tuple(i for i, _ in self.admission)
+        self.metrics.settles.labels(usage.status.value, "false").inc()
+        self._settle(ctx, usage, targets)
+        return True
+
+    def _release(self, ctx: RequestContext, indices: Sequence[int]) -> None:
+        if indices:
+            self._settle(ctx, Usage(status=SettleStatus.REFUSED), indices)
+
+    def _settle(self, ctx: RequestContext, usage: Usage, indices: Sequence[int]) -> None:
+        failure: DefenseFailure | None = None
+        for idx in indices:
+            e = self.entries[idx]
+            t0 = self.clock.monotonic()
+            try:
+                e.defense.settle(ctx, usage)  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - every defense gets its settle even if one fails
+                if self._failed(e, "settle", exc, ctx) and failure is None:
+                    failure = DefenseFailure(e.name, "settle", exc)
+            finally:
+                self._timers[(e.name, "settle")].observe(self.clock.monotonic() - t0)
+        if failure is not None:
+            raise failure
+
+    # -- response -------------------------------------------------------------------------------
+    def protect(self, batch: LogprobBatch, ctx: RequestContext) -> Protected:
+        """Fold the response defenses over what the engine returned, in config order."""
+        check_values(batch)
+        ctx = self.prepare(ctx)
+        applied: list[str] = []
+        steps: list[Step] = []
+        current = batch
+        for _, e in self.response:
+            d: ResponseDefense = e.defense  # type: ignore[assignment]
+            t0 = self.clock.monotonic()
+            try:
+                out = d.apply(current, ctx)
+            except InvalidInput:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                dt = self.clock.monotonic() - t0
+                self._timers[(e.name, "protect")].observe(dt)
+                steps.append(Step(e.name, e.mode, error=type(exc).__name__, seconds=dt))
+                if self._failed(e, "protect", exc, ctx):
+                    raise DefenseFailure(e.name, "protect", exc) from exc
+                continue
+            dt = self.clock.monotonic() - t0
+            self._timers[(e.name, "protect")].observe(dt)
+            steps.append(Step(e.name, e.mode, seconds=dt))
+            changed = _n_changed(current, out)
+            if not changed:
+                continue
+            if e.mode is Mode.SHADOW:
+                self.metrics.shadow_effects.labels(e.name, "protect").inc()
+                continue
+            self.metrics.values_changed.labels(e.name).inc(changed)
+            applied.append(e.name)
+            current = out
+        return Protected(current, tuple(applied), tuple(steps))
+
+    # -- sampling -------------------------------------------------------------------------------
+    def process_logits(
+        self, logits: torch.Tensor, prefixes: Sequence[Sequence[int]], ctxs: Sequence[RequestContext]
+    ) -> torch.Tensor:
+        """logits: [B, V] float32 -> [B, V]; sampling defenses in order. Runs on the engine's thread."""
+        current = logits
+        for _, e in self.sampling:
+            d: SamplingDefense = e.defense  # type: ignore[assignment]
+            t0 = self.clock.monotonic()
+            try:
+                out = d.process_logits(current, prefixes, ctxs)
+            except Exception as exc:  # noqa: BLE001
+                if self._failed(e, "sample", exc, None):
+                    raise DefenseFailure(e.name, "sample", exc) from exc
+                continue
+            finally:
+                self._timers[(e.name, "sample")].observe(self.clock.monotonic() - t0)
+            if e.mode is Mode.SHADOW:
+                self.metrics.shadow_effects.labels(e.name, "sample").inc()
+                continue
+            current = out
+        return current
+
+    def is_argmax_invariant(self) -> bool:
+        return all(e.defense.is_argmax_invariant() for _, e in self.sampling  # type: ignore[attr-defined]
+                   if e.mode is Mode.ENFORCE)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for e in self.entries:
+            _close_quietly(e)
+
+    def __enter__(self) -> DefenseChain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _failed(self, e: ChainEntry, stage: str, exc: BaseException, ctx: RequestContext | None) -> bool:
+        """Count and log a defense failure; True when the policy is fail-closed."""
+        closed = e.on_error is OnError.FAIL_CLOSED and e.mode is Mode.ENFORCE
+        policy = "fail_closed" if closed else "fail_open"
+        self.metrics.defense_errors.labels(e.name, stage, policy).inc()
+        # the type only, and the request id: a defense's message could quote request content
+        log.warning("defense %r raised %s during %s (request %s); %s", e.name, type(exc).__name__, stage,
+                    ctx.request_id if ctx else "-", policy)
+        return closed
+
+
+def _close_quietly(e: ChainEntry) -> None:
+    try:
+        e.defense.close()
+    except Exception as exc:  # noqa: BLE001 - one defense's close must not stop the others'
+        log.warning("defense %r raised %s on close", e.name, type(exc).__name__)
+
+
+def _changed_fields(rw: Rewrites) -> list[str]:
+    out = [f for f in ("top_logprobs", "max_tokens", "n") if getattr(rw, f) is not None]
+    out += [f for f in ("drop_logit_bias", "drop_prompt_logprobs", "drop_echo") if getattr(rw, f)]
+    if rw.strip_outputs:
+        out.append("strip_outputs")
+    return out
+
+
+def _n_changed(a: LogprobBatch, b: LogprobBatch) -> int:
+    if a is b:
+        return 0
+    if a.values.shape != b.values.shape:
+        return int(max(a.values.size, b.values.size))
+    n = int(np.count_nonzero(a.values != b.values))
+    if a.token_ids.shape == b.token_ids.shape:
+        n += int(np.count_nonzero(a.token_ids != b.token_ids))
+    return n
+
+
+def _reservation_id(ctx: RequestContext) -> str:
+    """Deterministic in the request's identity, so a retried Admit on any replica names the same reservation."""
+    h = hashlib.sha256("\0".join((ctx.tenant, ctx.client_id, ctx.request_id)).encode()).hexdigest()
+    return "rsv_" + h[:24]
+

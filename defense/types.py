@@ -1,0 +1,325 @@
+"""Value types passed between fronts, the chain and the defenses.
+
+All are frozen: a defense returns new values (``dataclasses.replace``) and never mutates its input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidInput
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+class Decision(StrEnum):
+    ALLOW = "allow"
+    ALLOW_MODIFIED = "allow_modified"
+    THROTTLE = "throttle"
+    DENY = "deny"
+
+    @property
+    def refuses(self) -> bool:
+        return self in (Decision.THROTTLE, Decision.DENY)
+
+
+class Api(StrEnum):
+    IN_PROCESS = "in_process"
+    OPENAI_COMPLETIONS = "openai_completions"
+    OPENAI_CHAT = "openai_chat"
+    KSERVE_V2 = "kserve_v2"
+
+
+class OutputKind(StrEnum):
+    TOP_LOGPROBS = "top_logprobs"  # values are log-probabilities of the returned alternatives
+    PROBABILITIES = "probabilities"  # values are full probability vectors (classifier outputs)
+
+
+class LogprobsMode(StrEnum):
+    RAW = "raw"  # before temperature (vLLM's default)
+    PROCESSED = "processed"  # after temperature and other logits processors
+
+
+class SettleStatus(StrEnum):
+    OK = "ok"
+    CLIENT_ABORT = "client_abort"
+    UPSTREAM_ERROR = "upstream_error"
+    REFUSED = "refused"  # released by the chain because a later defense refused the request
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """Exactly one of the forms is set (or none, for a request whose prompt the front did not parse)."""
+
+    text: str | None = None
+    chat: tuple[ChatMessage, ...] | None = None
+    token_ids: tuple[int, ...] | None = None
+    tensor_bytes: bytes | None = None
+
+    def __post_init__(self) -> None:
+        given = [f for f in ("text", "chat", "token_ids", "tensor_bytes") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise InvalidInput(f"a prompt has one form, got {', '.join(given)}")
+
+    @property
+    def n_chars(self) -> int:
+        if self.text is not None:
+            return len(self.text)
+        if self.chat is not None:
+            return sum(len(m.content) + len(m.role) for m in self.chat)
+        if self.tensor_bytes is not None:
+            return len(self.tensor_bytes)
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """One request as the chain sees it, built once at the edge by a front."""
+
+    request_id: str
+    client_id: str
+    tenant: str = "default"
+    model: str = ""
+    api: Api = Api.IN_PROCESS
+    prompt: Prompt = Prompt()
+    prompt_tokens: int | None = None  # when the front has a tokenizer
+    max_tokens: int | None = None  # None: the engine's default
+    n: int = 1
+    temperature: float | None = None
+    seed: int | None = None
+    stream: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0  # -1: "all alternatives", which request rules refuse by default
+    logit_bias_entries: int = 0
+    prompt_logprobs: bool = False
+    echo: bool = False
+    raw_logits_outputs: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    received_at: float = 0.0
+    context_digest: bytes = b""
+    strength: float = 1.0  # the profile's strength multiplier, raised by admission defenses
+
+    def __post_init__(self) -> None:
+        if not self.request_id:
+            raise InvalidInput("request_id is required")
+        if len(self.request_id) > 256:
+            raise InvalidInput(f"request_id is at most 256 characters, got {len(self.request_id)}")
+        if self.prompt_tokens is not None and self.prompt_tokens < 0:
+            raise InvalidInput(f"prompt_tokens must be >= 0, got {self.prompt_tokens}")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise InvalidInput(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.n < 1:
+            raise InvalidInput(f"n must be >= 1, got {self.n}")
+        if self.top_logprobs < -1:
+            raise InvalidInput(f"top_logprobs must be >= -1 (-1 means all), got {self.top_logprobs}")
+        if self.top_logprobs > 0 and not self.logprobs:
+            # OpenAI requires logprobs=true with top_logprobs; we accept it and treat it as a logprobs request
+            object.__setattr__(self, "logprobs", True)
+        if self.logit_bias_entries < 0:
+            raise InvalidInput(f"logit_bias_entries must be >= 0, got {self.logit_bias_entries}")
+        if self.temperature is not None and (not math.isfinite(self.temperature) or self.temperature < 0):
+            raise InvalidInput(f"temperature must be finite and >= 0, got {self.temperature}")
+        if not math.isfinite(self.strength) or self.strength < 0:
+            raise InvalidInput(f"strength must be finite and >= 0, got {self.strength}")
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs != 0
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """What admission reserves before generation: the worst case the request may use."""
+
+    requests: int = 1
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprob_values: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("requests", "prompt_tokens", "completion_tokens", "logprob_values"):
+            v = getattr(self, name)
+            if v < 0:
+                raise InvalidInput(f"{name} must be >= 0, got {v}")
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def estimate(cls, ctx: RequestContext, *, chars_per_token: float = 4.0, default_max_tokens: int = 256) -> Cost:
+        """Reserve prompt tokens (counted, or ceil(chars / chars_per_token)) plus the clamped max_tokens."""
+        if ctx.prompt_tokens is not None:
+            prompt = ctx.prompt_tokens
+        elif ctx.prompt.token_ids is not None:
+            prompt = len(ctx.prompt.token_ids)
+        else:
+            prompt = math.ceil(ctx.prompt.n_chars / chars_per_token)
+        completion = (ctx.max_tokens if ctx.max_tokens is not None else default_max_tokens) * ctx.n
+        k = max(ctx.top_logprobs, 1) if ctx.wants_logprobs else 0
+        values = completion * k + (prompt * k if ctx.prompt_logprobs or ctx.echo else 0)
+        return cls(requests=1, prompt_tokens=prompt, completion_tokens=completion, logprob_values=values)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a request actually used, reported at settle time."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprob_values: int = 0
+    status: SettleStatus = SettleStatus.OK
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_tokens", "completion_tokens", "logprob_values"):
+            v = getattr(self, name)
+            if v < 0:
+                raise InvalidInput(f"usage.{name} must be >= 0, got {v}")
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrites:
+    """Changes an admission defense makes to a request; merged conservatively across defenses."""
+
+    top_logprobs: int | None = None
+    max_tokens: int | None = None
+    n: int | None = None
+    drop_logit_bias: bool = False
+    drop_prompt_logprobs: bool = False
+    drop_echo: bool = False
+    strip_outputs: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return self == _NO_REWRITES
+
+    def merge(self, other: Rewrites) -> Rewrites:
+        def low(a: int | None, b: int | None) -> int | None:
+            return b if a is None else a if b is None else min(a, b)
+
+        return Rewrites(
+            top_logprobs=low(self.top_logprobs, other.top_logprobs),
+            max_tokens=low(self.max_tokens, other.max_tokens),
+            n=low(self.n, other.n),
+            drop_logit_bias=self.drop_logit_bias or other.drop_logit_bias,
+            drop_prompt_logprobs=self.drop_prompt_logprobs or other.drop_prompt_logprobs,
+            drop_echo=self.drop_echo or other.drop_echo,
+            strip_outputs=tuple(dict.fromkeys(self.strip_outputs + other.strip_outputs)),
+        )
+
+    def apply(self, ctx: RequestContext) -> RequestContext:
+        changes: dict[str, Any] = {}
+        if self.top_logprobs is not None:
+            changes["top_logprobs"] = self.top_logprobs
+        if self.max_tokens is not None:
+            changes["max_tokens"] = self.max_tokens
+        if self.n is not None:
+            changes["n"] = self.n
+        if self.drop_logit_bias:
+            changes["logit_bias_entries"] = 0
+        if self.drop_prompt_logprobs:
+            changes["prompt_logprobs"] = False
+        if self.drop_echo:
+            changes["echo"] = False
+        if self.strip_outputs:
+            changes["raw_logits_outputs"] = tuple(o for o in ctx.raw_logits_outputs if o not in self.strip_outputs)
+        return replace(ctx, **changes) if changes else ctx
+
+
+_NO_REWRITES = Rewrites()
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One admission defense's answer. Refusals are decisions, not errors."""
+
+    decision: Decision = Decision.ALLOW
+    reason: str = ""
+    reason_code: str = ""
+    retry_after_s: float = 0.0
+    rewrites: Rewrites = _NO_REWRITES
+    strength: float = 1.0  # the profile strength multiplier this defense asks for
+    reservation_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.retry_after_s < 0 or not math.isfinite(self.retry_after_s):
+            raise ValueError(f"retry_after_s must be finite and >= 0, got {self.retry_after_s}")
+        if self.decision is Decision.ALLOW and not self.rewrites.empty:
+            object.__setattr__(self, "decision", Decision.ALLOW_MODIFIED)
+
+
+ALLOW = Verdict()
+
+
+@dataclass(frozen=True, slots=True)
+class LogprobBatch:
+    """What the engine returns for one request, packed: [P positions x K alternatives].
+
+    ``token_ids`` uses -1 for a missing alternative (a position with fewer than K); its value is ignored.
+    For ``PROBABILITIES`` each row is a full probability vector and ``token_ids`` may be empty (shape [P, 0]),
+    meaning column j is class j.
+    """
+
+    values: np.ndarray  # [P, K] float32: logprobs (TOP_LOGPROBS) or probabilities (PROBABILITIES)
+    token_ids: np.ndarray  # [P, K] int64, or [P, 0] for dense probability vectors
+    kind: OutputKind = OutputKind.TOP_LOGPROBS
+    sampled_token_ids: np.ndarray | None = None  # [P] int64
+    sampled_values: np.ndarray | None = None  # [P] float32
+    temperature: float = 1.0
+    logprobs_mode: LogprobsMode = LogprobsMode.RAW
+
+    def __post_init__(self) -> None:
+        v, t = self.values, self.token_ids
+        if not isinstance(v, np.ndarray) or v.ndim != 2:
+            raise InvalidInput(f"values must be a 2-D array [positions, k], got {getattr(v, 'shape', type(v))}")
+        if not isinstance(t, np.ndarray) or t.ndim != 2:
+            raise InvalidInput(f"token_ids must be a 2-D array [positions, k], got {getattr(t, 'shape', type(t))}")
+        if t.shape != v.shape and not (self.kind is OutputKind.PROBABILITIES and t.shape == (v.shape[0], 0)):
+            raise InvalidInput(f"token_ids shape {t.shape} does not match values shape {v.shape}")
+        if v.shape[0] > 0 and v.shape[1] == 0:
+            raise InvalidInput("each position needs at least one value (k >= 1)")
+        for name, arr in (("sampled_token_ids", self.sampled_token_ids), ("sampled_values", self.sampled_values)):
+            if arr is not None and arr.shape != (v.shape[0],):
+                raise InvalidInput(f"{name} must have shape ({v.shape[0]},), got {arr.shape}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidInput(f"temperature must be finite and >= 0, got {self.temperature}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.values.shape  # type: ignore[return-value]
+
+    @property
+    def present(self) -> np.ndarray:
+        """[P, K] bool: which slots hold a real alternative."""
+        if self.token_ids.shape == self.values.shape:
+            return self.token_ids >= 0
+        return np.ones(self.values.shape, dtype=bool)
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """A watermark or radioactivity test result; log10_p stays finite far into the tail."""
+
+    key_id: str
+    tokens_scored: int
+    z: float
+    log10_p: float
+    detected: bool
+    scheme: str = ""
