@@ -1,0 +1,204 @@
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from conftest import sample
+from support import defenses as sd
+
+from defense.base import Mode, OnError
+from defense.chain import ChainEntry, DefenseChain
+from defense.errors import DefenseFailure, InvalidInput
+from defense.types import Decision, LogprobBatch, OutputKind, Prompt, RequestContext, SettleStatus, Usage
+
+
+@pytest.fixture(autouse=True)
+def _reset_calls():
+    sd.CALLS.clear()
+
+
+def rec(tag, *, mode=Mode.ENFORCE, on_error=OnError.FAIL_OPEN, **kw):
+    return ChainEntry(tag, sd.Recorder(sd.RecorderParams(tag=tag, **kw)), mode, on_error)
+
+
+def shift(tag, *, mode=Mode.ENFORCE, on_error=OnError.FAIL_OPEN, fail=False):
+    return ChainEntry(tag, sd.Shift(sd.ShiftParams(tag=tag, fail=fail)), mode, on_error)
+
+
+def ctx(rid="r1", **kw):
+    kw.setdefault("client_id", "c1")
+    kw.setdefault("prompt", Prompt(text="hello"))
+    return RequestContext(request_id=rid, **kw)
+
+
+def batch(k=3, positions=4):
+    logits = np.random.default_rng(0).normal(size=(positions, 32))
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    top = np.argsort(-logp, 1)[:, :k]
+    return LogprobBatch(values=np.take_along_axis(logp, top, 1).astype(np.float32), token_ids=top.astype(np.int64))
+
+
+def test_admission_runs_in_config_order_and_later_defenses_see_rewrites(clock, metrics):
+    chain = DefenseChain([rec("a", cap_top_logprobs=5), rec("b", cap_top_logprobs=2), rec("c")],
+                         metrics=metrics, clock=clock)
+    adm = chain.admit(ctx(top_logprobs=10))
+    assert [t for t, _ in sd.CALLS] == ["a", "b", "c"]
+    assert sd.CALLS[1] == ("b", "admit top_logprobs=5")  # b saw a's clamp
+    assert sd.CALLS[2] == ("c", "admit top_logprobs=2")
+    assert adm.decision is Decision.ALLOW_MODIFIED
+    assert adm.rewrites.top_logprobs == 2 and adm.ctx.top_logprobs == 2
+    assert [s.defense for s in adm.steps] == ["a", "b", "c"]
+
+
+def test_first_enforced_refusal_decides_and_releases_earlier_reservations(clock, metrics):
+    chain = DefenseChain([rec("a"), rec("b", decision="throttle"), rec("c")], metrics=metrics, clock=clock)
+    adm = chain.admit(ctx())
+    assert adm.decision is Decision.THROTTLE and adm.decided_by == "b" and adm.retry_after_s == 1.5
+    assert ("c", "admit top_logprobs=0") not in sd.CALLS  # c never ran
+    assert ("a", "settle refused 0") in sd.CALLS  # a's reservation released
+    assert not any(t == "b" and e.startswith("settle") for t, e in sd.CALLS)
+    assert sample(metrics, "distillguard_requests_total", decision="throttle", shadow="false") == 1
+
+
+def test_shadow_refusal_is_counted_and_changes_nothing(clock, metrics):
+    chain = DefenseChain([rec("a", mode=Mode.SHADOW, decision="deny"), rec("b", mode=Mode.SHADOW, cap_top_logprobs=1)],
+                         metrics=metrics, clock=clock)
+    adm = chain.admit(ctx(top_logprobs=4))
+    assert adm.decision is Decision.ALLOW and adm.shadow
+    assert adm.ctx.top_logprobs == 4 and adm.rewrites.empty
+    assert sample(metrics, "distillguard_shadow_effects_total", defense="a", stage="admit") == 1
+    assert sample(metrics, "distillguard_shadow_effects_total", defense="b", stage="admit") == 1
+    assert sample(metrics, "distillguard_defense_decisions_total", defense="a", decision="deny", mode="shadow") == 1
+
+
+def test_shadow_response_defense_computes_but_returns_input(clock, metrics):
+    chain = DefenseChain([shift("s", mode=Mode.SHADOW)], metrics=metrics, clock=clock)
+    b = batch()
+    out = chain.protect(b, ctx())
+    assert ("s", "apply") in sd.CALLS
+    assert out.batch is b and out.applied == ()
+    assert sample(metrics, "distillguard_shadow_effects_total", defense="s", stage="protect") == 1
+
+
+def test_enforced_response_defense_changes_output_and_counts(clock, metrics):
+    chain = DefenseChain([shift("s")], metrics=metrics, clock=clock)
+    b = batch()
+    before = b.values.copy()
+    out = chain.protect(b, ctx())
+    assert out.applied == ("s",)
+    assert not np.array_equal(out.batch.values, b.values)
+    np.testing.assert_array_equal(b.values, before)  # the input was not mutated
+    assert sample(metrics, "distillguard_response_values_changed_total", defense="s") == 8
+
+
+def test_off_mode_is_never_called(clock, metrics):
+    chain = DefenseChain([rec("a", mode=Mode.OFF, decision="deny"), shift("s", mode=Mode.OFF)],
+                         metrics=metrics, clock=clock)
+    assert chain.admit(ctx()).decision is Decision.ALLOW
+    chain.protect(batch(), ctx())
+    assert sd.CALLS == []
+
+
+def test_fail_open_passes_and_counts(clock, metrics, caplog):
+    chain = DefenseChain([rec("a", decision="raise"), rec("b"), shift("s", fail=True)], metrics=metrics, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="distillguard.chain"):
+        adm = chain.admit(ctx())
+        b = batch()
+        out = chain.protect(b, ctx())
+    assert adm.decision is Decision.ALLOW and adm.steps[0].error == "RuntimeError"
+    assert out.batch is b
+    assert sample(metrics, "distillguard_defense_errors_total", defense="a", stage="admit", policy="fail_open") == 1
+    assert sample(metrics, "distillguard_defense_errors_total", defense="s", stage="protect", policy="fail_open") == 1
+    assert "RuntimeError" in caplog.text and "recorder asked to fail" not in caplog.text
+
+
+def test_fail_closed_refuses_with_an_error_and_releases(clock, metrics):
+    chain = DefenseChain([rec("a"), rec("b", decision="raise", on_error=OnError.FAIL_CLOSED)],
+                         metrics=metrics, clock=clock)
+    with pytest.raises(DefenseFailure, match="'b' failed during admit"):
+        chain.admit(ctx())
+    assert ("a", "settle refused 0") in sd.CALLS
+    chain2 = DefenseChain([shift("s", fail=True, on_error=OnError.FAIL_CLOSED)], metrics=metrics, clock=clock)
+    with pytest.raises(DefenseFailure):
+        chain2.protect(batch(), ctx())
+    assert sample(metrics, "distillguard_defense_errors_total", defense="s", stage="protect", policy="fail_closed") == 1
+
+
+def test_fail_closed_in_shadow_mode_fails_open(clock, metrics):
+    chain = DefenseChain([rec("a", decision="raise", mode=Mode.SHADOW, on_error=OnError.FAIL_CLOSED)],
+                         metrics=metrics, clock=clock)
+    assert chain.admit(ctx()).decision is Decision.ALLOW
+
+
+def test_admit_and_settle_are_idempotent_on_request_id(clock, metrics):
+    chain = DefenseChain([rec("a")], metrics=metrics, clock=clock)
+    first = chain.admit(ctx("rid-7", top_logprobs=2))
+    again = chain.admit(ctx("rid-7", top_logprobs=2))
+    assert again is first and first.reservation_id.startswith("rsv_")
+    assert sum(1 for t, e in sd.CALLS if e.startswith("admit")) == 1
+    assert chain.settle(ctx("rid-7"), Usage(completion_tokens=5)) is True
+    assert chain.settle(ctx("rid-7"), Usage(completion_tokens=5)) is False
+    assert [e for _, e in sd.CALLS if e.startswith("settle")] == ["settle ok 5"]
+    # another client with the same request id is a different request
+    other = chain.admit(ctx("rid-7", client_id="c2"))
+    assert other.reservation_id != first.reservation_id
+
+
+def test_early_ending_request_still_settles(clock, metrics):
+    chain = DefenseChain([rec("a")], metrics=metrics, clock=clock)
+    chain.admit(ctx("r9"))
+    chain.settle(ctx("r9"), Usage(completion_tokens=2, status=SettleStatus.CLIENT_ABORT))
+    assert ("a", "settle client_abort 2") in sd.CALLS
+
+
+def test_strength_is_the_max_asked_by_enforced_defenses(clock, metrics):
+    chain = DefenseChain([rec("a", strength=1.5), rec("b", strength=3.0, mode=Mode.SHADOW), rec("c", strength=2.0)],
+                         metrics=metrics, clock=clock)
+    assert chain.admit(ctx()).ctx.strength == 2.0
+
+
+def test_context_digest_is_filled_and_canonical(clock, metrics):
+    chain = DefenseChain([], metrics=metrics, clock=clock)
+    a = chain.admit(ctx("x1", prompt=Prompt(text="Hello   World"), model="m"))
+    b = chain.admit(ctx("x2", prompt=Prompt(text=" hello world\n"), model="m"))
+    c = chain.admit(ctx("x3", prompt=Prompt(text="hello world!"), model="m"))
+    assert len(a.ctx.context_digest) == 32
+    assert a.ctx.context_digest == b.ctx.context_digest != c.ctx.context_digest
+
+
+@pytest.mark.parametrize("values, kind, match", [
+    ([[np.nan, -1.0]], OutputKind.TOP_LOGPROBS, "NaN"),
+    ([[0.5, -1.0]], OutputKind.TOP_LOGPROBS, "<= 0"),
+    ([[-0.1, -0.2]], OutputKind.TOP_LOGPROBS, "sum to"),
+    ([[0.5, 0.6]], OutputKind.PROBABILITIES, "sum to 1"),
+    ([[-0.1, 1.1]], OutputKind.PROBABILITIES, ">= 0"),
+    ([[np.inf, 0.0]], OutputKind.PROBABILITIES, "NaN or infinity"),
+])
+def test_protect_refuses_impossible_outputs(clock, metrics, values, kind, match):
+    chain = DefenseChain([shift("s")], metrics=metrics, clock=clock)
+    v = np.array(values, dtype=np.float32)
+    b = LogprobBatch(values=v, token_ids=np.array([[1, 2]]), kind=kind)
+    with pytest.raises(InvalidInput, match=match):
+        chain.protect(b, ctx())
+
+
+def test_mismatched_shapes_are_invalid_input():
+    with pytest.raises(InvalidInput, match="does not match"):
+        LogprobBatch(values=np.zeros((2, 3), np.float32), token_ids=np.zeros((2, 4), np.int64))
+
+
+def test_close_closes_every_defense_even_if_one_raises(clock, metrics):
+    closed = []
+
+    class C(sd.Recorder):
+        def close(self):
+            closed.append(self.params.tag)
+            if self.params.tag == "a":
+                raise RuntimeError("boom")
+
+    chain = DefenseChain([ChainEntry("a", C(sd.RecorderParams(tag="a"))), ChainEntry("b", C(sd.RecorderParams(tag="b")))],
+                         metrics=metrics, clock=clock)
+    chain.close()
+    chain.close()
+    assert closed == ["a", "b"]
