@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from defense.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "defense.cli", *args], capture_output=True, text=True, cwd=kw.get("cwd", ROOT),
+                          env={**os.environ, **kw.get("env", {})}, timeout=60)
+
+
+def test_config_check_ok():
+    r = run("config", "check", "examples/distillguard.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "request_rules" in r.stdout
+
+
+def test_config_check_misspelled_type_exits_2_naming_it_and_the_valid_types(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("defenses:\n  - type: request_rulez\n")
+    r = run("config", "check", str(p))
+    assert r.returncode == 2
+    assert "defenses[0].type" in r.stderr and "'request_rulez'" in r.stderr and "known: request_rules" in r.stderr
+
+
+def test_config_check_unknown_top_level_key_exits_2(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("defences: []\n")
+    r = run("config", "check", str(p))
+    assert r.returncode == 2
+    assert "unknown key 'defences'" in r.stderr and "did you mean 'defenses'" in r.stderr
+
+
+def test_keys_new_list_rotate(tmp_path, capsys):
+    p = tmp_path / "keys.yaml"
+    assert main(["keys", "new", str(p)]) == 0
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    assert main(["keys", "new", str(p)]) == 2  # refuses to overwrite
+    assert main(["keys", "rotate", str(p)]) == 0
+    capsys.readouterr()
+    assert main(["keys", "list", str(p)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[1].endswith("primary")
+    secret = [ln for ln in p.read_text().splitlines() if "secret:" in ln][0].split()[-1]
+    assert secret not in "\n".join(lines)
+
+
+def test_demo_runs_in_process(tmp_path, key_file):
+    r = run("demo", "--config", "examples/distillguard.yaml", "--json", env={"DISTILLGUARD_KEYS": str(key_file)})
+    assert r.returncode == 0, r.stderr
+    assert '"decision": "deny"' in r.stdout and '"reason_code": "top_logprobs_all"' in r.stdout
+
+
+def test_demo_without_key_file_explains(tmp_path):
+    r = run("demo", "--config", "examples/distillguard.yaml", env={"DISTILLGUARD_KEYS": str(tmp_path / "none.yaml")})
+    assert r.returncode == 2 and "distillguard keys new" in r.stderr
+
+
+def test_version(capsys):
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out.startswith("distillguard ")
+
+
+@pytest.mark.parametrize("argv", [[], ["config"], ["nonsense"]])
+def test_usage_errors_exit_2(argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
