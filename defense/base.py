@@ -55,7 +55,7 @@ class NoParams:
     """For defenses without parameters."""
 
 
-class Defense(abc.ABC):
+class Defense(abc.ABC):  # noqa: B024 - abstract through its three subclasses
     """Shared by all three kinds: validated params, and a lifecycle."""
 
     #: the dataclass its ``params:`` config block is validated against

@@ -42,6 +42,9 @@ _LOGPROB_SLACK = 1e-4  # engines return log-softmax values that can round a hair
 _PROB_SUM_TOL = 1e-3  # float32 probability vectors from a softmax sum to 1 within this
 
 
+_DEFAULT_IDENTITY = IdentitySettings()
+
+
 @dataclass(frozen=True, slots=True)
 class ChainEntry:
     name: str
@@ -95,7 +98,7 @@ class _Record:
 
 
 @dataclass(slots=True)
-class _Ledger:
+class AdmissionLedger:
     """Recent admissions by (tenant, client, request_id): makes Admit and Settle idempotent on retries.
 
     Bounded (LRU) and time-limited; the durable idempotency of charges lives in the budget store, so a
@@ -164,9 +167,8 @@ class DefenseChain:
         *,
         metrics: Metrics | None = None,
         clock: Clock = SYSTEM_CLOCK,
-        identity: IdentitySettings = IdentitySettings(),
-        ledger_size: int = 100_000,
-        ledger_ttl_s: float = 3600.0,
+        identity: IdentitySettings = _DEFAULT_IDENTITY,
+        ledger: AdmissionLedger | None = None,
     ) -> None:
         names = [e.name for e in entries]
         if len(set(names)) != len(names):
@@ -179,7 +181,8 @@ class DefenseChain:
         self.admission = tuple((i, e) for i, e in live if isinstance(e.defense, AdmissionDefense))
         self.sampling = tuple((i, e) for i, e in live if isinstance(e.defense, SamplingDefense))
         self.response = tuple((i, e) for i, e in live if isinstance(e.defense, ResponseDefense))
-        self._ledger = _Ledger(max_entries=ledger_size, ttl_s=ledger_ttl_s)
+        # shared across config reloads so a retried Admit or Settle stays idempotent through a reload
+        self.ledger = ledger if ledger is not None else AdmissionLedger()
         # label children bound once: a labels() lookup per call would cost more than a cheap defense
         m = self.metrics
         self._timers = {(e.name, s): m.defense_duration.labels(e.name, s)
@@ -226,7 +229,7 @@ class DefenseChain:
         """Run admission defenses in order; the first enforced refusal decides. Idempotent on request_id."""
         now = self.clock.now()
         key = _key(ctx)
-        rec = self._ledger.get(key, now)
+        rec = self.ledger.get(key, now)
         if rec is not None:
             return rec.admission
         ctx = self.prepare(ctx)
@@ -285,13 +288,13 @@ class DefenseChain:
             result = Admission(decision, ctx, reservation_id=reservation or _reservation_id(ctx), rewrites=rewrites,
                                shadow=shadow, steps=tuple(steps))
         m.requests.labels(result.decision.value, "true" if shadow else "false").inc()
-        self._ledger.put(key, _Record(result, now + self._ledger.ttl_s, tuple(admitted), settled=result.decision.refuses))
+        self.ledger.put(key, _Record(result, now + self.ledger.ttl_s, tuple(admitted), settled=result.decision.refuses))
         return result
 
     def settle(self, ctx: RequestContext, usage: Usage) -> bool:
         """Charge actual usage to every admission defense. Returns False for a retry (charged once)."""
         now = self.clock.now()
-        rec = self._ledger.get(_key(ctx), now)
+        rec = self.ledger.get(_key(ctx), now)
         if rec is not None and rec.settled:
             self.metrics.settles.labels(usage.status.value, "true").inc()
             return False

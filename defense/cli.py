@@ -78,6 +78,25 @@ def _version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .settings import read_environment
+    from .sidecar.server import serve
+
+    path = args.config or read_environment().config_path
+    if not path:
+        raise ConfigError("give --config FILE or set DISTILLGUARD_CONFIG")
+    return serve(path, listen=args.listen or (), metrics_port=args.metrics_port)
+
+
+def _metrics_port(text: str) -> int | None:
+    if text in ("off", "none"):
+        return None
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535 or 'off', got {text}")
+    return port
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -109,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("list", help="list key ids and statuses (never the secrets)")
     p.add_argument("file")
     p.set_defaults(func=_keys_list)
+
+    p = sub.add_parser("serve", help="run the gRPC sidecar")
+    p.add_argument("--config", help="config file (default: DISTILLGUARD_CONFIG)")
+    p.add_argument("--listen", action="append", metavar="ADDR",
+                   help="unix:/path.sock or host:port; repeatable; replaces server.listen")
+    p.add_argument("--metrics-port", type=_metrics_port, default=-1, metavar="N",
+                   help="Prometheus port (0: any free port, off: none); replaces server.metrics_port")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo", help="run a few requests through the chain in-process and show what each defense did")
     p.add_argument("--config", default="examples/distillguard.yaml")

@@ -40,6 +40,9 @@ class ServerSettings:
     metrics_port: int | None = 9464  # null: no metrics endpoint
     metrics_host: str = "127.0.0.1"
     grace_s: float = 5.0  # in-flight RPCs get this long after SIGTERM
+    # after SIGTERM, health answers NOT_SERVING for this long while RPCs are still served, so load
+    # balancers and fronts move away before the socket closes
+    drain_s: float = 1.0
     max_message_bytes: int = 4 * 1024 * 1024  # 256 positions x 20 alternatives is about 60 KB packed
     admin_token_file: str | None = None  # or DISTILLGUARD_ADMIN_TOKEN
     tls: TlsSettings | None = None
@@ -54,6 +57,8 @@ class ServerSettings:
             raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+        if self.drain_s < 0:
+            raise ValueError(f"drain_s must be >= 0, got {self.drain_s}")
         if not 1024 <= self.max_message_bytes <= 1 << 30:
             raise ValueError(f"max_message_bytes must be in 1024..{1 << 30}, got {self.max_message_bytes}")
         if self.reload_poll_s < 0:

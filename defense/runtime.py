@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from .base import Deps
-from .chain import DefenseChain
+from .chain import AdmissionLedger, DefenseChain
 from .clock import SYSTEM_CLOCK, Clock
 from .config import LoadedConfig, load_config
 from .errors import KeyFileError
@@ -48,12 +48,13 @@ def build_runtime(
     metrics: Metrics | None = None,
     clock: Clock = SYSTEM_CLOCK,
     require_keys: bool = True,
+    ledger: AdmissionLedger | None = None,
 ) -> Runtime:
     loaded = loaded or load_config(path)
     if keys is None:
         keys = load_keys(loaded, required=require_keys)
     deps = Deps(keys=keys, clock=clock, metrics=metrics or Metrics(), state_uri=loaded.config.state.uri)
-    chain = DefenseChain.from_config(loaded, deps=deps)
+    chain = DefenseChain.from_config(loaded, deps=deps, ledger=ledger)
     if deps.metrics is not None:
         deps.metrics.set_config(loaded.sha256)
     return Runtime(loaded, keys, deps, chain)

@@ -1,0 +1,1 @@
+"""The gRPC sidecar (needs grpcio): ``distillguard serve --config FILE``."""

@@ -1,0 +1,125 @@
+"""DefenseService: each handler is proto -> types, one call into the chain, types -> proto.
+
+Error statuses mean faults only: INVALID_ARGUMENT for malformed messages, INTERNAL for a fail-closed
+defense that failed (a fail-open client must not pass such a request), UNAUTHENTICATED for admin calls
+without the admin token. Throttles and refusals are decisions inside an OK answer.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from ..errors import DefenseFailure, InvalidInput
+from ..profile import DEFAULT_PROFILE, Profile, sign_profile, verify_profile
+from ..runtime import Runtime
+from . import convert
+from ._proto.distillguard.v1 import defense_pb2 as pb
+from ._proto.distillguard.v1 import defense_pb2_grpc as pb_grpc
+
+log = logging.getLogger("distillguard.sidecar")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DefenseService"].full_name
+
+
+class RuntimeHolder:
+    """The live runtime; a config reload replaces it in one assignment."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+
+class DefenseServicer(pb_grpc.DefenseServiceServicer):
+    def __init__(self, holder: RuntimeHolder, *, admin_token: str | None = None) -> None:
+        self.holder = holder
+        self._admin_token = admin_token.encode() if admin_token else None
+        self._metrics = holder.runtime.deps.metrics
+        assert self._metrics is not None  # noqa: S101 - build_runtime always sets it
+        h = self._metrics.rpc_duration
+        self._ok_timers = {m: h.labels(m, "OK") for m in ("Admit", "Protect", "Settle", "Detect", "GetBudget")}
+
+    # -- plumbing -------------------------------------------------------------------------------
+    async def _run(self, method: str, context: grpc.aio.ServicerContext, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        code = "OK"
+        try:
+            return fn()
+        except InvalidInput as e:
+            code = "INVALID_ARGUMENT"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except DefenseFailure as e:
+            code = "INTERNAL"
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+        except Exception as e:  # noqa: BLE001 - a bug must answer INTERNAL, never kill the server
+            code = "INTERNAL"
+            log.exception("%s failed with %s", method, type(e).__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})")
+        finally:
+            dt = time.perf_counter() - t0
+            if code == "OK":
+                self._ok_timers[method].observe(dt)
+            else:
+                self._metrics.rpc_duration.labels(method, code).observe(dt)  # type: ignore[union-attr]
+
+    async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
+        if self._admin_token is None:
+            return
+        md = dict(context.invocation_metadata() or ())
+        auth = md.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._admin_token):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin RPCs need 'authorization: Bearer <admin token>'")
+
+    # -- RPCs -----------------------------------------------------------------------------------
+    async def Admit(self, request: pb.AdmitRequest, context: grpc.aio.ServicerContext) -> pb.AdmitResponse:  # noqa: N802
+        def admit() -> pb.AdmitResponse:
+            rt = self.holder.runtime
+            adm = rt.chain.admit(convert.ctx_from_admit(request))
+            signed = None
+            if adm.allowed and rt.keys is not None:
+                profile = Profile(strength=adm.ctx.strength) if adm.ctx.strength != 1.0 else DEFAULT_PROFILE
+                signed = sign_profile(profile, adm.ctx.request_id, keys=rt.keys, now=rt.deps.clock.now(),
+                                      ttl_s=rt.loaded.config.profile.ttl_s)
+            return convert.admit_response(adm, signed)
+
+        return await self._run("Admit", context, admit)
+
+    async def Protect(self, request: pb.ProtectRequest, context: grpc.aio.ServicerContext) -> pb.ProtectResponse:  # noqa: N802
+        def protect() -> pb.ProtectResponse:
+            rt = self.holder.runtime
+            batch = convert.batch_from_protect(request)
+            profile = None
+            signed = convert.profile_from_pb(request.profile)
+            if signed is not None and rt.keys is not None:
+                profile = verify_profile(signed, request.request_id, keys=rt.keys, now=rt.deps.clock.now())
+            strength = (profile or DEFAULT_PROFILE).strength
+            out = rt.chain.protect(batch, convert.ctx_from_protect(request, strength=strength))
+            return convert.protect_response(out.batch, out.applied)
+
+        return await self._run("Protect", context, protect)
+
+    async def Settle(self, request: pb.SettleRequest, context: grpc.aio.ServicerContext) -> pb.SettleResponse:  # noqa: N802
+        def settle() -> pb.SettleResponse:
+            ctx, usage = convert.settle_from_pb(request)
+            first = self.holder.runtime.chain.settle(ctx, usage)
+            out = pb.SettleResponse(already_settled=not first)
+            if first:
+                out.charged.prompt_tokens = usage.prompt_tokens
+                out.charged.completion_tokens = usage.completion_tokens
+                out.charged.logprob_values = usage.logprob_values
+            return out
+
+        return await self._run("Settle", context, settle)
+
+    async def Detect(self, request: pb.DetectRequest, context: grpc.aio.ServicerContext) -> pb.DetectResponse:  # noqa: N802
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Detect arrives with the watermark defense")
+
+    async def GetBudget(self, request: pb.GetBudgetRequest, context: grpc.aio.ServicerContext) -> pb.GetBudgetResponse:  # noqa: N802
+        await self._require_admin(context)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetBudget arrives with the budget defense")
+
