@@ -100,7 +100,7 @@ def _metrics_port(text: str) -> int | None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.config, as_json=args.json)
+    return run_demo(args.config, as_json=args.json, in_process=args.in_process)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Prometheus port (0: any free port, off: none); replaces server.metrics_port")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("demo", help="run a few requests through the chain in-process and show what each defense did")
+    p = sub.add_parser("demo", help="start the sidecar, send each RPC once through the client, print the answers")
     p.add_argument("--config", default="examples/distillguard.yaml")
+    p.add_argument("--in-process", action="store_true", help="run the requests through the chain in this process")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     p.set_defaults(func=_demo)
 

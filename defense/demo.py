@@ -1,7 +1,8 @@
-"""The in-process demo: a few requests through the configured chain, showing what each defense did.
+"""The demo the README's main command runs.
 
-This is what the README's main command runs until the sidecar demo replaces it; it is also the
-smallest example of using the library from Python.
+By default it starts the sidecar with the given config, exercises every RPC once through the client,
+prints what each returned, and stops it. ``--in-process`` runs the same requests through the chain in
+this process instead (the smallest example of using the library from Python).
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ def _fake_engine_output(k: int, positions: int = 4) -> LogprobBatch:
     return LogprobBatch(values=np.take_along_axis(logp, top, axis=1), token_ids=top.astype(np.int64))
 
 
-def run_demo(config_path: str, *, as_json: bool = False) -> int:
+def run_demo(config_path: str, *, as_json: bool = False, in_process: bool = False) -> int:
+    if not in_process:
+        return run_sidecar_demo(config_path, as_json=as_json)
+    return run_in_process_demo(config_path, as_json=as_json)
+
+
+def run_in_process_demo(config_path: str, *, as_json: bool = False) -> int:
     rt = build_runtime(config_path)
     chain = rt.chain
     out = print if not as_json else (lambda *_: None)
@@ -53,11 +60,7 @@ def run_demo(config_path: str, *, as_json: bool = False) -> int:
             out(f"    {s['defense']:<16} {s['mode']:<8} -> {s['decision']} ({s['us']} us)")
         out(f"    chain decision: {adm.decision.value}" + (f" ({adm.reason_code}: {adm.reason})" if adm.reason else ""))
         if not adm.rewrites.empty:
-            changed = {k: v for k, v in {
-                "top_logprobs": adm.rewrites.top_logprobs, "max_tokens": adm.rewrites.max_tokens,
-                "n": adm.rewrites.n, "drop_logit_bias": adm.rewrites.drop_logit_bias or None,
-                "drop_prompt_logprobs": adm.rewrites.drop_prompt_logprobs or None,
-                "drop_echo": adm.rewrites.drop_echo or None}.items() if v is not None}
+            changed = _rewrites(adm.rewrites)
             record["rewrites"] = changed
             out(f"    rewrites: {changed}")
         if adm.allowed:
@@ -71,3 +74,71 @@ def run_demo(config_path: str, *, as_json: bool = False) -> int:
             print(json.dumps(record, sort_keys=True))
     chain.close()
     return 0
+
+
+def run_sidecar_demo(config_path: str, *, as_json: bool = False) -> int:
+    import tempfile
+
+    import grpc
+
+    from server_plugins.client import SidecarClient, SidecarError
+
+    from .sidecar.process import SidecarProcess
+
+    from .config import load_config
+    from .runtime import load_keys
+
+    load_keys(load_config(config_path))  # a bad config or key file: the same clear error serve would give
+    out = print if not as_json else (lambda *_: None)
+    admin = "demo-admin-token"
+    with tempfile.TemporaryDirectory(prefix="distillguard-demo-") as tmp:
+        sock = f"unix:{tmp}/sidecar.sock"
+        out(f"starting: distillguard serve --config {config_path} --listen {sock}")
+        with SidecarProcess(config_path, args=["--listen", sock, "--metrics-port", "0"], cwd=".",
+                            env={"DISTILLGUARD_ADMIN_TOKEN": admin}, log_path=f"{tmp}/sidecar.log") as proc:
+            out(f"sidecar ready on {proc.target}; metrics on http://127.0.0.1:{proc.metrics_port}/metrics")
+            with SidecarClient(proc.target, timeout_s=5, admin_token=admin) as client:
+                for i, (label, fields) in enumerate(_REQUESTS):
+                    ctx = RequestContext(request_id=f"demo-{i}", client_id="c_demo", model="tiny-demo", **fields)
+                    adm = client.admit(ctx)
+                    record: dict = {"request": label, "rpc": "Admit", "decision": adm.decision.value,
+                                    "reason_code": adm.reason_code, "reservation_id": adm.reservation_id}
+                    out(f"\n[{i}] {label}")
+                    out(f"    Admit   -> {adm.decision.value}" + (f" ({adm.reason_code}: {adm.reason})" if adm.reason else "")
+                        + (f", reservation {adm.reservation_id}" if adm.reservation_id else ""))
+                    if not adm.rewrites.empty:
+                        out(f"               rewrites {_rewrites(adm.rewrites)}")
+                    if adm.allowed:
+                        k = adm.rewrites.top_logprobs or max(ctx.top_logprobs, 1)
+                        prot = client.protect(_fake_engine_output(k), request_id=ctx.request_id, model=ctx.model,
+                                              context_digest=adm.context_digest, client_id=ctx.client_id,
+                                              profile=adm.profile)
+                        record["protect_applied"] = list(prot.applied)
+                        out(f"    Protect -> {prot.batch.shape[0]} positions x {k} alternatives, changed by: "
+                            f"{', '.join(prot.applied) or 'nothing (no response defense in this config)'}")
+                        usage = Usage(prompt_tokens=8, completion_tokens=4, logprob_values=4 * k)
+                        first = client.settle(ctx, usage, reservation_id=adm.reservation_id)
+                        retry = client.settle(ctx, usage, reservation_id=adm.reservation_id)
+                        record["settle"] = [first, retry]
+                        out(f"    Settle  -> charged={first}; retried with the same request_id: charged={retry}")
+                    if as_json:
+                        print(json.dumps(record, sort_keys=True))
+                for rpc, call in (("Detect", lambda: client.detect([[1, 2, 3]])),
+                                  ("GetBudget", lambda: client.get_budget("c_demo"))):
+                    try:
+                        call()
+                        status = "OK"
+                    except SidecarError as e:
+                        status = e.code.name if e.code is not grpc.StatusCode.OK else "OK"
+                    out(f"\n{rpc:<9} -> {status}")
+                    if as_json:
+                        print(json.dumps({"rpc": rpc, "status": status}))
+        out("\nsidecar stopped")
+    return 0
+
+
+def _rewrites(rw) -> dict:
+    fields = {"top_logprobs": rw.top_logprobs, "max_tokens": rw.max_tokens, "n": rw.n,
+              "drop_logit_bias": rw.drop_logit_bias or None, "drop_prompt_logprobs": rw.drop_prompt_logprobs or None,
+              "drop_echo": rw.drop_echo or None, "strip_outputs": list(rw.strip_outputs) or None}
+    return {k: v for k, v in fields.items() if v is not None}

@@ -54,10 +54,13 @@ def test_keys_new_list_rotate(tmp_path, capsys):
     assert secret not in "\n".join(lines)
 
 
-def test_demo_runs_in_process(tmp_path, key_file):
-    r = run("demo", "--config", "examples/distillguard.yaml", "--json", env={"DISTILLGUARD_KEYS": str(key_file)})
+@pytest.mark.parametrize("mode", [["--in-process"], []])
+def test_demo_runs(tmp_path, key_file, mode):
+    r = run("demo", "--config", "examples/distillguard.yaml", "--json", *mode, env={"DISTILLGUARD_KEYS": str(key_file)})
     assert r.returncode == 0, r.stderr
     assert '"decision": "deny"' in r.stdout and '"reason_code": "top_logprobs_all"' in r.stdout
+    if not mode:  # through the sidecar: settle retried once, charged once
+        assert '"settle": [true, false]' in r.stdout and '"status": "UNIMPLEMENTED"' in r.stdout
 
 
 def test_demo_without_key_file_explains(tmp_path):
