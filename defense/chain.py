@@ -10,7 +10,7 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from .types import (
     SettleStatus,
     Usage,
     Verdict,
+    evolve,
 )
 
 if TYPE_CHECKING:
@@ -187,6 +188,10 @@ class DefenseChain:
         m = self.metrics
         self._timers = {(e.name, s): m.defense_duration.labels(e.name, s)
                         for e in self.entries for s in ("admit", "settle", "protect", "sample")}
+        self._decisions = {(e.name, d.value, e.mode.value): m.defense_decisions.labels(e.name, d.value, e.mode.value)
+                           for e in self.entries for d in Decision}
+        self._requests = {(d, shadow): m.requests.labels(d.value, "true" if shadow else "false")
+                          for d in Decision for shadow in (False, True)}
         self._closed = False
 
     # -- construction -------------------------------------------------------------------------
@@ -213,13 +218,11 @@ class DefenseChain:
 
     # -- admission ------------------------------------------------------------------------------
     def prepare(self, ctx: RequestContext) -> RequestContext:
-        """Fill what the chain derives from a request: its context digest and arrival time."""
-        changes: dict[str, Any] = {}
-        if not ctx.context_digest:
-            changes["context_digest"] = context_digest(ctx.model, ctx.prompt)
-        if not ctx.received_at:
-            changes["received_at"] = self.clock.now()
-        return replace(ctx, **changes) if changes else ctx
+        """Fill what the chain derives from a request: its context digest (fronts that compute it, skip this)."""
+        if ctx.context_digest:
+            return ctx
+        return evolve(ctx, context_digest=context_digest(ctx.model, ctx.prompt),
+                      received_at=ctx.received_at or self.clock.now())
 
     def estimate(self, ctx: RequestContext) -> Cost:
         return Cost.estimate(ctx, chars_per_token=self.identity.chars_per_token,
@@ -261,7 +264,7 @@ class DefenseChain:
             self._timers[(e.name, "admit")].observe(dt)
             steps.append(Step(e.name, e.mode, verdict=verdict, seconds=dt))
             admitted.append(idx)
-            m.defense_decisions.labels(e.name, verdict.decision.value, e.mode.value).inc()
+            self._decisions[(e.name, verdict.decision.value, e.mode.value)].inc()
             if e.mode is Mode.SHADOW:
                 if verdict.decision.refuses or not verdict.rewrites.empty or verdict.strength != 1.0:
                     m.shadow_effects.labels(e.name, "admit").inc()
@@ -283,11 +286,11 @@ class DefenseChain:
             result = Admission(v.decision, ctx, reason=v.reason, reason_code=v.reason_code,
                                retry_after_s=v.retry_after_s, shadow=shadow, decided_by=name, steps=tuple(steps))
         else:
-            ctx = replace(ctx, strength=strength) if strength != ctx.strength else ctx
+            ctx = evolve(ctx, strength=strength) if strength != ctx.strength else ctx
             decision = Decision.ALLOW if rewrites.empty else Decision.ALLOW_MODIFIED
             result = Admission(decision, ctx, reservation_id=reservation or _reservation_id(ctx), rewrites=rewrites,
                                shadow=shadow, steps=tuple(steps))
-        m.requests.labels(result.decision.value, "true" if shadow else "false").inc()
+        self._requests[(result.decision, shadow)].inc()
         self.ledger.put(key, _Record(result, now + self.ledger.ttl_s, tuple(admitted), settled=result.decision.refuses))
         return result
 

@@ -83,10 +83,9 @@ def run_sidecar_demo(config_path: str, *, as_json: bool = False) -> int:
 
     from server_plugins.client import SidecarClient, SidecarError
 
-    from .sidecar.process import SidecarProcess
-
     from .config import load_config
     from .runtime import load_keys
+    from .sidecar.process import SidecarProcess
 
     load_keys(load_config(config_path))  # a bad config or key file: the same clear error serve would give
     out = print if not as_json else (lambda *_: None)

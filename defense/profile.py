@@ -8,7 +8,7 @@ the undefended path.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import hmac
 import json
 import math
@@ -31,7 +31,12 @@ class Profile:
             raise ValueError(f"strength must be in [0, 100], got {self.strength}")
 
     def payload(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return _payload(self)
+
+
+@functools.lru_cache(maxsize=1024)  # profiles repeat (a few tiers x strengths); JSON per request is waste
+def _payload(profile: Profile) -> bytes:
+    return json.dumps(asdict(profile), sort_keys=True, separators=(",", ":")).encode()
 
 
 DEFAULT_PROFILE = Profile()
@@ -93,6 +98,3 @@ def decode_from_engine(args: dict[str, object] | None) -> SignedProfile | None:
     except (KeyError, ValueError):
         return None
 
-
-def profile_digest(payload: bytes) -> str:
-    return hashlib.sha256(payload).hexdigest()[:16]

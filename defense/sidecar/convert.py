@@ -11,6 +11,7 @@ from types import MappingProxyType
 
 import numpy as np
 
+from ..canonical import context_digest
 from ..chain import Admission
 from ..errors import InvalidInput
 from ..profile import SignedProfile
@@ -98,18 +99,22 @@ def prompt_to_pb(prompt: Prompt, out: pb.Prompt) -> None:
 
 
 # -- admit ----------------------------------------------------------------------------------------
-def ctx_from_admit(msg: pb.AdmitRequest) -> RequestContext:
+def ctx_from_admit(msg: pb.AdmitRequest, *, received_at: float = 0.0) -> RequestContext:
+    """The request as the chain sees it, with its context digest computed once, here."""
     client_id, tenant = _identity(msg.identity)
     temperature = msg.temperature if msg.HasField("temperature") else None
     if temperature is not None and not math.isfinite(temperature):
         raise InvalidInput(f"temperature must be finite, got {temperature}")
+    prompt = prompt_from_pb(msg.prompt)
     return RequestContext(
         request_id=msg.request_id,
         client_id=client_id,
         tenant=tenant,
         model=msg.model,
         api=_enum(API_FROM_PB, msg.api, "api"),  # type: ignore[arg-type]
-        prompt=prompt_from_pb(msg.prompt),
+        prompt=prompt,
+        context_digest=context_digest(msg.model, prompt),
+        received_at=received_at,
         prompt_tokens=msg.prompt_tokens if msg.HasField("prompt_tokens") else None,
         max_tokens=msg.max_tokens or None,
         n=msg.n or 1,

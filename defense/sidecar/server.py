@@ -99,11 +99,14 @@ class Sidecar:
     """One sidecar process's server; ``run()`` serves until stopped."""
 
     def __init__(self, config_path: str, *, listen: Sequence[str] = (), metrics_port: int | None = -1,
-                 on_ready: Callable[[list[str], int | None], None] | None = None) -> None:
+                 on_ready: Callable[[list[str], int | None], None] | None = None,
+                 extra_services: Sequence[Callable[[grpc.aio.Server], None]] = ()) -> None:
         self.config_path = config_path
         self.listen_override = tuple(check_listen_address(a) for a in listen)
         self.metrics_port_override = metrics_port  # -1: as configured
         self.on_ready = on_ready
+        # more services on the same server (a front such as Envoy's ext_proc, or a benchmark's echo)
+        self.extra_services = tuple(extra_services)
         self.metrics = Metrics()
         self.metrics.build_info.labels(__version__).set(1)
         loaded = load_config(config_path)
@@ -194,6 +197,8 @@ class Sidecar:
         server = grpc.aio.server(options=server_options(settings))
         servicer = DefenseServicer(self.holder, admin_token=admin_token(settings))
         pb_grpc.add_DefenseServiceServicer_to_server(servicer, server)
+        for add in self.extra_services:
+            add(server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

@@ -79,7 +79,7 @@ class DefenseServicer(pb_grpc.DefenseServiceServicer):
     async def Admit(self, request: pb.AdmitRequest, context: grpc.aio.ServicerContext) -> pb.AdmitResponse:  # noqa: N802
         def admit() -> pb.AdmitResponse:
             rt = self.holder.runtime
-            adm = rt.chain.admit(convert.ctx_from_admit(request))
+            adm = rt.chain.admit(convert.ctx_from_admit(request, received_at=rt.deps.clock.now()))
             signed = None
             if adm.allowed and rt.keys is not None:
                 profile = Profile(strength=adm.ctx.strength) if adm.ctx.strength != 1.0 else DEFAULT_PROFILE
