@@ -22,10 +22,12 @@ from .config import IdentitySettings, LoadedConfig
 from .errors import DefenseFailure, InvalidInput
 from .metrics import Metrics
 from .types import (
+    NO_REWRITES,
     Cost,
     Decision,
     LogprobBatch,
     OutputKind,
+    Prompt,
     RequestContext,
     Rewrites,
     SettleStatus,
@@ -192,6 +194,7 @@ class DefenseChain:
                            for e in self.entries for d in Decision}
         self._requests = {(d, shadow): m.requests.labels(d.value, "true" if shadow else "false")
                           for d in Decision for shadow in (False, True)}
+        self._rewrite_counters: dict[tuple[str, str], Any] = {}
         self._closed = False
 
     # -- construction -------------------------------------------------------------------------
@@ -216,6 +219,12 @@ class DefenseChain:
     def sampling_defenses(self) -> tuple[SamplingDefense, ...]:
         return tuple(e.defense for _, e in self.sampling if e.mode is Mode.ENFORCE)  # type: ignore[misc]
 
+    def _rewrite_counter(self, name: str, field_name: str) -> Any:
+        c = self._rewrite_counters.get((name, field_name))
+        if c is None:
+            c = self._rewrite_counters[(name, field_name)] = self.metrics.rewrites.labels(name, field_name)
+        return c
+
     # -- admission ------------------------------------------------------------------------------
     def prepare(self, ctx: RequestContext) -> RequestContext:
         """Fill what the chain derives from a request: its context digest (fronts that compute it, skip this)."""
@@ -239,7 +248,7 @@ class DefenseChain:
         m = self.metrics
         steps: list[Step] = []
         admitted: list[int] = []
-        rewrites = Rewrites()
+        rewrites = NO_REWRITES
         strength = ctx.strength
         shadow = False
         reservation = ""
@@ -275,7 +284,7 @@ class DefenseChain:
                 break
             if not verdict.rewrites.empty:
                 for fname in _changed_fields(verdict.rewrites):
-                    m.rewrites.labels(e.name, fname).inc()
+                    self._rewrite_counter(e.name, fname).inc()
                 rewrites = rewrites.merge(verdict.rewrites)
                 ctx = verdict.rewrites.apply(ctx)
             strength = max(strength, verdict.strength)
@@ -291,7 +300,8 @@ class DefenseChain:
             result = Admission(decision, ctx, reservation_id=reservation or _reservation_id(ctx), rewrites=rewrites,
                                shadow=shadow, steps=tuple(steps))
         self._requests[(result.decision, shadow)].inc()
-        self.ledger.put(key, _Record(result, now + self.ledger.ttl_s, tuple(admitted), settled=result.decision.refuses))
+        self.ledger.put(key, _Record(_slim(result), now + self.ledger.ttl_s, tuple(admitted),
+                                     settled=result.decision.refuses))
         return result
 
     def settle(self, ctx: RequestContext, usage: Usage) -> bool:
@@ -442,6 +452,18 @@ def _n_changed(a: LogprobBatch, b: LogprobBatch) -> int:
     if a.token_ids.shape == b.token_ids.shape:
         n += int(np.count_nonzero(a.token_ids != b.token_ids))
     return n
+
+
+_NO_PROMPT = Prompt()
+
+
+def _slim(adm: Admission) -> Admission:
+    """The admission as the ledger keeps it: without the prompt (its digest stays), so 100k remembered
+    requests hold neither their prompts' memory nor objects for the collector to walk. A retried Admit
+    gets this copy back; settle needs only identity, model and digest."""
+    if adm.ctx.prompt is _NO_PROMPT:
+        return adm
+    return evolve(adm, ctx=evolve(adm.ctx, prompt=_NO_PROMPT))
 
 
 def _reservation_id(ctx: RequestContext) -> str:

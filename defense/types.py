@@ -23,9 +23,16 @@ def evolve(obj: Any, **changes: Any) -> Any:
     """``dataclasses.replace`` without re-running ``__post_init__``, for the admission hot path.
 
     Only for values already validated where they were made (a Rewrites validates its own fields);
-    dataclasses.replace costs about 15 us per call on this machine, most of it revalidation.
+    dataclasses.replace costs about 15 us per call on this machine, most of it revalidation. Classes
+    with a ``__dict__`` (RequestContext, the widest) copy in one dict update, about 0.5 us.
     """
     new = object.__new__(type(obj))
+    state = getattr(obj, "__dict__", None)
+    if state is not None:
+        d = new.__dict__
+        d.update(state)
+        d.update(changes)
+        return new
     for name in type(obj).__slots__:
         object.__setattr__(new, name, changes[name] if name in changes else getattr(obj, name))
     return new
@@ -97,7 +104,7 @@ class Prompt:
         return 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: evolve() copies its 25 fields in one dict update on the hot path
 class RequestContext:
     """One request as the chain sees it, built once at the edge by a front."""
 
@@ -228,9 +235,16 @@ class Rewrites:
 
     @property
     def empty(self) -> bool:
-        return self == _NO_REWRITES
+        # field by field: dataclass __eq__ builds two 7-tuples, and this runs several times per Admit
+        return (self.top_logprobs is None and self.max_tokens is None and self.n is None and not self.drop_logit_bias
+                and not self.drop_prompt_logprobs and not self.drop_echo and not self.strip_outputs)
 
     def merge(self, other: Rewrites) -> Rewrites:
+        if self.empty:
+            return other
+        if other.empty:
+            return self
+
         def low(a: int | None, b: int | None) -> int | None:
             return b if a is None else a if b is None else min(a, b)
 
@@ -263,7 +277,7 @@ class Rewrites:
         return evolve(ctx, **changes) if changes else ctx
 
 
-_NO_REWRITES = Rewrites()
+NO_REWRITES = Rewrites()
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +288,7 @@ class Verdict:
     reason: str = ""
     reason_code: str = ""
     retry_after_s: float = 0.0
-    rewrites: Rewrites = _NO_REWRITES
+    rewrites: Rewrites = NO_REWRITES
     strength: float = 1.0  # the profile strength multiplier this defense asks for
     reservation_id: str = ""
 

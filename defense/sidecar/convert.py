@@ -59,8 +59,11 @@ def _enum(table: Mapping[int, object], value: int, field: str) -> object:
         raise InvalidInput(f"{field}: unknown enum value {value}") from None
 
 
+_NO_LABELS: Mapping[str, str] = MappingProxyType({})
+
+
 def _labels(identity: pb.ClientIdentity) -> Mapping[str, str]:
-    return MappingProxyType(dict(identity.labels)) if identity.labels else MappingProxyType({})
+    return MappingProxyType(dict(identity.labels)) if identity.labels else _NO_LABELS
 
 
 def _identity(identity: pb.ClientIdentity) -> tuple[str, str]:
@@ -101,7 +104,8 @@ def prompt_to_pb(prompt: Prompt, out: pb.Prompt) -> None:
 # -- admit ----------------------------------------------------------------------------------------
 def ctx_from_admit(msg: pb.AdmitRequest, *, received_at: float = 0.0) -> RequestContext:
     """The request as the chain sees it, with its context digest computed once, here."""
-    client_id, tenant = _identity(msg.identity)
+    identity = msg.identity
+    client_id, tenant = _identity(identity)
     temperature = msg.temperature if msg.HasField("temperature") else None
     if temperature is not None and not math.isfinite(temperature):
         raise InvalidInput(f"temperature must be finite, got {temperature}")
@@ -127,7 +131,7 @@ def ctx_from_admit(msg: pb.AdmitRequest, *, received_at: float = 0.0) -> Request
         prompt_logprobs=msg.prompt_logprobs,
         echo=msg.echo,
         raw_logits_outputs=tuple(msg.raw_logits_outputs),
-        labels=_labels(msg.identity),
+        labels=_labels(identity),
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import logging
 import os
@@ -219,6 +220,10 @@ class Sidecar:
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         watcher = asyncio.create_task(self._watch())
         log.info("serving on %s", ", ".join(self.addresses))
+        # everything built so far lives for the process: keep it out of the collector's scans, so the
+        # cyclic GC walks only per-request garbage (about 8 us of a 60 us Admit before this)
+        gc.collect()
+        gc.freeze()
         if self.on_ready:
             self.on_ready(self.addresses, self.metrics_port)
         try:

@@ -135,7 +135,11 @@ def test_admit_and_settle_are_idempotent_on_request_id(clock, metrics):
     chain = DefenseChain([rec("a")], metrics=metrics, clock=clock)
     first = chain.admit(ctx("rid-7", top_logprobs=2))
     again = chain.admit(ctx("rid-7", top_logprobs=2))
-    assert again is first and first.reservation_id.startswith("rsv_")
+    assert first.reservation_id.startswith("rsv_")
+    assert (again.decision, again.reservation_id, again.rewrites, again.ctx.context_digest) == (
+        first.decision, first.reservation_id, first.rewrites, first.ctx.context_digest)
+    # the ledger remembers the decision, not the prompt (memory and GC work for 100k remembered requests)
+    assert first.ctx.prompt.text == "hello" and again.ctx.prompt == Prompt()
     assert sum(1 for t, e in sd.CALLS if e.startswith("admit")) == 1
     assert chain.settle(ctx("rid-7"), Usage(completion_tokens=5)) is True
     assert chain.settle(ctx("rid-7"), Usage(completion_tokens=5)) is False
