@@ -1,0 +1,120 @@
+"""The keyed pseudorandom function every defense draws from: integer hashing, identical on numpy, torch
+CPU and torch CUDA.
+
+Perturbation noise and watermark green lists must be the same for the same (key, context, position,
+token) wherever they are computed, and independent of any global RNG: seeding torch.Generator per row
+neither vectorizes nor matches across devices. So everything here is splitmix64's finalizer on int64
+arrays. Both numpy and torch wrap int64 multiplication modulo 2**64 (two's complement), so a product
+gives the same bits as unsigned arithmetic; right shifts on int64 are arithmetic, so ``_srl`` masks
+them into logical shifts. Floats are made from the top bits only at the end.
+
+Functions take and return arrays of one library (numpy ``ndarray`` or ``torch.Tensor``, int64) and
+broadcast like their operands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["hash_combine", "key_seed", "mix64", "normal", "seed_from_bytes", "uniform"]
+
+_M64 = (1 << 64) - 1
+
+
+def _signed(c: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_C1 = _signed(0xBF58476D1CE4E5B9)
+_C2 = _signed(0x94D049BB133111EB)
+_GOLDEN = _signed(0x9E3779B97F4A7C15)  # 2**64 / phi: spreads consecutive inputs across the word
+_LOW24 = float(2**-24)
+_LOW53 = float(2**-53)
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _srl(x: Any, s: int) -> Any:
+    """Logical right shift of int64 by ``s`` (1 <= s <= 63)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix64(x: Any) -> Any:
+    """splitmix64's finalizer: a bijection on 64-bit words with full avalanche. int64 in, int64 out."""
+    if not _is_torch(x):
+        with np.errstate(over="ignore"):
+            x = np.asarray(x, dtype=np.int64)
+            x = (x ^ _srl(x, 30)) * np.int64(_C1)
+            x = (x ^ _srl(x, 27)) * np.int64(_C2)
+            return x ^ _srl(x, 31)
+    x = (x ^ _srl(x, 30)) * _C1
+    x = (x ^ _srl(x, 27)) * _C2
+    return x ^ _srl(x, 31)
+
+
+def hash_combine(seed: Any, *parts: Any) -> Any:
+    """Hash of ``seed`` then each part in order (order matters); parts broadcast against each other.
+
+    ``seed`` is an int (a key seed) or an array; each part an int array (token ids, positions, ...).
+    """
+    h = seed
+    for part in parts:
+        if _is_torch(part):
+            h = mix64(part * _GOLDEN + h)
+        else:
+            with np.errstate(over="ignore"):
+                h = mix64(np.asarray(part, dtype=np.int64) * np.int64(_GOLDEN) + np.asarray(h, dtype=np.int64))
+    return h if parts else mix64(h)
+
+
+def uniform(h: Any, *, dtype: Any = None) -> Any:
+    """Floats in [0, 1) from hashes. float32 uses the top 24 bits (exact on every device); float64 53."""
+    if _is_torch(h):
+        import torch
+
+        dtype = dtype or torch.float32
+        if dtype == torch.float64:
+            return _srl(h, 11).to(torch.float64) * _LOW53
+        return _srl(h, 40).to(dtype) * _LOW24
+    if dtype is not None and np.dtype(dtype) == np.float32:
+        return (_srl(h, 40).astype(np.float32) * np.float32(_LOW24)).astype(np.float32)
+    return _srl(h, 11).astype(np.float64) * _LOW53
+
+
+def normal(h: Any, *, dtype: Any = None) -> Any:
+    """Standard normal draws from hashes (Box-Muller on two independent halves of a rehash)."""
+    h2 = mix64(h ^ _GOLDEN)
+    if _is_torch(h):
+        import torch
+
+        dtype = dtype or torch.float32
+        u1 = 1.0 - uniform(h, dtype=torch.float64)  # (0, 1]: log is finite
+        u2 = uniform(h2, dtype=torch.float64)
+        return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * np.pi * u2)).to(dtype)
+    u1 = 1.0 - uniform(h)
+    u2 = uniform(h2)
+    out = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    return out.astype(dtype) if dtype is not None else out
+
+
+def seed_from_bytes(b: bytes) -> int:
+    """An int64 seed from the first 8 bytes of a key or digest (little-endian, signed)."""
+    if len(b) < 8:
+        raise ValueError(f"need at least 8 bytes for a seed, got {len(b)}")
+    return int.from_bytes(b[:8], "little", signed=True)
+
+
+def key_seed(key: bytes, *parts: bytes) -> int:
+    """A seed bound to a derived key and byte strings (model, context digest, ...), via SHA-256."""
+    import hashlib
+
+    h = hashlib.sha256(key)
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return seed_from_bytes(h.digest())
