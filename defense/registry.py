@@ -23,6 +23,13 @@ ENTRY_POINT_GROUP = "distillguard.defenses"
 # never imports torch.
 BUILTIN: Mapping[str, str] = {
     "request_rules": "defense.rules:RequestRules",
+    "keyed_noise": "defense.perturbation.keyed:KeyedNoise",
+    "random_noise": "defense.perturbation.random_noise:RandomNoise",
+    "top_k_cap": "defense.perturbation.cap:TopKCap",
+    "top1_only": "defense.perturbation.top1:Top1Only",
+    "quantize": "defense.perturbation.quantize:Quantize",
+    "temperature": "defense.perturbation.temperature:Temperature",
+    "reverse_sigmoid": "defense.perturbation.reverse_sigmoid:ReverseSigmoid",
 }
 
 

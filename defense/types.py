@@ -318,6 +318,7 @@ class LogprobBatch:
     sampled_values: np.ndarray | None = None  # [P] float32
     temperature: float = 1.0
     logprobs_mode: LogprobsMode = LogprobsMode.RAW
+    position_offset: int = 0  # row 0 is this generated position (streamed chunks); keys the noise
 
     def __post_init__(self) -> None:
         v, t = self.values, self.token_ids
@@ -334,6 +335,8 @@ class LogprobBatch:
                 raise InvalidInput(f"{name} must have shape ({v.shape[0]},), got {arr.shape}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidInput(f"temperature must be finite and >= 0, got {self.temperature}")
+        if self.position_offset < 0:
+            raise InvalidInput(f"position_offset must be >= 0, got {self.position_offset}")
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -229,7 +229,7 @@ def batch_from_protect(msg: pb.ProtectRequest) -> LogprobBatch:
         sampled_vals = np.asarray(msg.sampled_values, dtype=np.float32)
     temperature = msg.temperature if msg.HasField("temperature") else 1.0
     return LogprobBatch(values=values, token_ids=ids, kind=kind, sampled_token_ids=sampled_ids,  # type: ignore[arg-type]
-                        sampled_values=sampled_vals, temperature=temperature,
+                        sampled_values=sampled_vals, temperature=temperature, position_offset=msg.position_offset,
                         logprobs_mode=_enum(MODE_FROM_PB, msg.logprobs_mode, "logprobs_mode"))  # type: ignore[arg-type]
 
 
@@ -251,6 +251,7 @@ def protect_request(batch: LogprobBatch, *, request_id: str, model: str, context
         request_id=request_id, model=model, context_digest=context_digest, temperature=batch.temperature,
         logprobs_mode=MODE_TO_PB[batch.logprobs_mode], kind=KIND_TO_PB[batch.kind], positions=p, k=k,
         values=batch.values.ravel().tolist(), token_ids=batch.token_ids.ravel().tolist(),
+        position_offset=batch.position_offset,
     )
     if batch.sampled_token_ids is not None:
         msg.sampled_token_ids.extend(batch.sampled_token_ids.tolist())
@@ -283,7 +284,7 @@ def batch_from_protect_response(msg: pb.ProtectResponse, like: LogprobBatch) -> 
         values=np.asarray(msg.values, dtype=np.float32).reshape(p, k), token_ids=ids, kind=like.kind,
         sampled_token_ids=np.asarray(msg.sampled_token_ids, dtype=np.int64) if len(msg.sampled_token_ids) else None,
         sampled_values=np.asarray(msg.sampled_values, dtype=np.float32) if len(msg.sampled_values) else None,
-        temperature=like.temperature, logprobs_mode=like.logprobs_mode,
+        temperature=like.temperature, logprobs_mode=like.logprobs_mode, position_offset=like.position_offset,
     )
 
 

@@ -214,7 +214,7 @@ class AdmitResponse(_message.Message):
     def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., shadow: _Optional[bool] = ..., reason: _Optional[str] = ..., reason_code: _Optional[str] = ..., retry_after_s: _Optional[float] = ..., reservation_id: _Optional[str] = ..., rewrites: _Optional[_Union[Rewrites, _Mapping]] = ..., context_digest: _Optional[bytes] = ..., profile: _Optional[_Union[SignedProfile, _Mapping]] = ..., strength: _Optional[float] = ...) -> None: ...
 
 class ProtectRequest(_message.Message):
-    __slots__ = ("request_id", "model", "context_digest", "temperature", "logprobs_mode", "kind", "positions", "k", "token_ids", "values", "sampled_token_ids", "sampled_values", "profile", "identity")
+    __slots__ = ("request_id", "model", "context_digest", "temperature", "logprobs_mode", "kind", "positions", "k", "token_ids", "values", "sampled_token_ids", "sampled_values", "profile", "identity", "position_offset")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +229,7 @@ class ProtectRequest(_message.Message):
     SAMPLED_VALUES_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    POSITION_OFFSET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     context_digest: bytes
@@ -243,7 +244,8 @@ class ProtectRequest(_message.Message):
     sampled_values: _containers.RepeatedScalarFieldContainer[float]
     profile: SignedProfile
     identity: ClientIdentity
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., context_digest: _Optional[bytes] = ..., temperature: _Optional[float] = ..., logprobs_mode: _Optional[_Union[LogprobsMode, str]] = ..., kind: _Optional[_Union[OutputKind, str]] = ..., positions: _Optional[int] = ..., k: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., sampled_token_ids: _Optional[_Iterable[int]] = ..., sampled_values: _Optional[_Iterable[float]] = ..., profile: _Optional[_Union[SignedProfile, _Mapping]] = ..., identity: _Optional[_Union[ClientIdentity, _Mapping]] = ...) -> None: ...
+    position_offset: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., context_digest: _Optional[bytes] = ..., temperature: _Optional[float] = ..., logprobs_mode: _Optional[_Union[LogprobsMode, str]] = ..., kind: _Optional[_Union[OutputKind, str]] = ..., positions: _Optional[int] = ..., k: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., sampled_token_ids: _Optional[_Iterable[int]] = ..., sampled_values: _Optional[_Iterable[float]] = ..., profile: _Optional[_Union[SignedProfile, _Mapping]] = ..., identity: _Optional[_Union[ClientIdentity, _Mapping]] = ..., position_offset: _Optional[int] = ...) -> None: ...
 
 class ProtectResponse(_message.Message):
     __slots__ = ("positions", "k", "token_ids", "values", "sampled_token_ids", "sampled_values", "applied")

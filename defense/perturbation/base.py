@@ -1,0 +1,131 @@
+"""What every output perturbation shares: reading a LogprobBatch as logprobs, the per-request strength,
+and writing the result back as a new batch of the same kind.
+
+Two families sit on top:
+- ``LogitShift`` subclasses only say how much each returned alternative moves in logit space
+  (``delta``); the base applies it before temperature, keeps the argmax if asked, keeps the top-k's mass
+  (or makes probability vectors sum to one) and keeps the sampled token's logprob consistent.
+- ``Reshape`` subclasses rewrite the distribution directly (caps, quantization, temperature, reverse
+  sigmoid) and return valid values: each in [0, 1] as a probability, sums <= 1, full vectors sum to 1.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import replace
+
+import numpy as np
+
+from ..base import ResponseDefense
+from ..types import LogprobBatch, LogprobsMode, OutputKind, RequestContext
+from .ops import shift_logprobs
+
+__all__ = ["LogitShift", "Reshape", "as_logprobs", "column_ids", "from_logprobs", "temperature_scale"]
+
+
+def as_logprobs(batch: LogprobBatch) -> np.ndarray:
+    """[P, K] float64 logprobs; a probability of 0 becomes -inf, missing slots -inf."""
+    v = batch.values.astype(np.float64)
+    if batch.kind is OutputKind.PROBABILITIES:
+        with np.errstate(divide="ignore"):
+            v = np.log(v)
+    return np.where(batch.present, v, -np.inf)
+
+
+def from_logprobs(lp: np.ndarray, batch: LogprobBatch) -> np.ndarray:
+    """Back to the batch's kind and float32; missing slots keep the values they came with."""
+    out = np.exp(lp) if batch.kind is OutputKind.PROBABILITIES else lp
+    return np.where(batch.present, out, batch.values).astype(np.float32)
+
+
+def column_ids(batch: LogprobBatch) -> np.ndarray:
+    """[P, K] int64 token ids, or class indices for dense probability vectors."""
+    if batch.token_ids.shape == batch.values.shape:
+        return batch.token_ids
+    return np.broadcast_to(np.arange(batch.values.shape[1], dtype=np.int64), batch.values.shape)
+
+
+def temperature_scale(batch: LogprobBatch) -> float:
+    """Factor on a logit-space perturbation for these values.
+
+    Raw logprobs (before temperature) take it as is. Processed logprobs are log_softmax(z / T): the same
+    logit perturbation n shows up as n / T there, so differencing two temperatures recovers z + n, never z.
+    T = 0 is greedy decoding, whose processed logprobs are the raw ones.
+    """
+    if batch.logprobs_mode is LogprobsMode.PROCESSED and batch.temperature > 0:
+        return 1.0 / batch.temperature
+    return 1.0
+
+
+class LogitShift(ResponseDefense):
+    """A perturbation that moves each returned alternative by ``delta`` in logit space."""
+
+    keep_argmax: bool = True
+
+    @abc.abstractmethod
+    def delta(self, batch: LogprobBatch, ctx: RequestContext, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """[P, K'] float64 logit-space perturbation for token ``ids`` ([P, K']) at batch ``rows`` ([P, 1])."""
+
+    def strength(self, ctx: RequestContext) -> float:
+        return ctx.strength
+
+    def apply(self, batch: LogprobBatch, ctx: RequestContext) -> LogprobBatch:
+        if batch.values.size == 0 or self.strength(ctx) == 0:
+            return batch
+        lp = as_logprobs(batch)
+        ids = column_ids(batch)
+        rows = np.arange(lp.shape[0])[:, None]
+        scale = temperature_scale(batch)
+        d = self.delta(batch, ctx, ids, rows) * scale
+        new, shift = shift_logprobs(lp, batch.present, d, keep_argmax=self.keep_argmax,
+                                    normalize=batch.kind is OutputKind.PROBABILITIES)
+        sampled = batch.sampled_values
+        if sampled is not None and batch.sampled_token_ids is not None:
+            sampled = self._sampled(batch, ctx, new, shift, scale)
+        return replace(batch, values=from_logprobs(new, batch), sampled_values=sampled)
+
+    def _sampled(self, batch: LogprobBatch, ctx: RequestContext, new: np.ndarray, shift: np.ndarray,
+                 scale: float) -> np.ndarray:
+        """The sampled token's value, consistent with the perturbed alternatives.
+
+        In the top-k: its perturbed value. Outside: the same logit move and renormalizing shift, and never
+        above the smallest returned alternative (a token outside the top-k cannot outrank it).
+        """
+        assert batch.sampled_token_ids is not None and batch.sampled_values is not None  # noqa: S101 - caller checks
+        sid = batch.sampled_token_ids[:, None]
+        hit = (column_ids(batch) == sid) & batch.present
+        in_topk = hit.any(axis=1)
+        from_topk = np.where(hit, new, -np.inf).max(axis=1)
+        s = batch.sampled_values.astype(np.float64)
+        if batch.kind is OutputKind.PROBABILITIES:
+            with np.errstate(divide="ignore"):
+                s = np.log(s)
+        rows = np.arange(len(s))[:, None]
+        moved = s + self.delta(batch, ctx, sid, rows)[:, 0] * scale - shift[:, 0]
+        floor = np.where(batch.present, new, np.inf).min(axis=1)
+        out = np.where(in_topk, from_topk, np.minimum(moved, floor))
+        out = np.minimum(out, 0.0)
+        if batch.kind is OutputKind.PROBABILITIES:
+            out = np.exp(out)
+        return out.astype(np.float32)
+
+
+class Reshape(ResponseDefense):
+    """A baseline that rewrites the returned distribution directly, row by row (vectorized)."""
+
+    @abc.abstractmethod
+    def reshape(self, lp: np.ndarray, present: np.ndarray, batch: LogprobBatch,
+                ctx: RequestContext) -> tuple[np.ndarray, np.ndarray]:
+        """(new logprobs [P, K], new present mask [P, K]) from clean logprobs."""
+
+    def apply(self, batch: LogprobBatch, ctx: RequestContext) -> LogprobBatch:
+        if batch.values.size == 0:
+            return batch
+        lp = as_logprobs(batch)
+        new, present = self.reshape(lp, batch.present, batch, ctx)
+        if batch.kind is OutputKind.PROBABILITIES:
+            values = np.where(present, np.exp(new), 0.0).astype(np.float32)
+            return replace(batch, values=values)
+        values = np.where(present, np.minimum(new, 0.0), -np.inf).astype(np.float32)
+        ids = np.where(present, batch.token_ids, -1) if batch.token_ids.shape == values.shape else batch.token_ids
+        return replace(batch, values=values, token_ids=ids)
