@@ -29,7 +29,7 @@ def test_config_check_misspelled_type_exits_2_naming_it_and_the_valid_types(tmp_
     p.write_text("defenses:\n  - type: request_rulez\n")
     r = run("config", "check", str(p))
     assert r.returncode == 2
-    assert "defenses[0].type" in r.stderr and "'request_rulez'" in r.stderr and "known: request_rules" in r.stderr
+    assert "defenses[0].type" in r.stderr and "'request_rulez'" in r.stderr and "known: " in r.stderr and "request_rules, " in r.stderr.split("known: ")[1]
 
 
 def test_config_check_unknown_top_level_key_exits_2(tmp_path):
