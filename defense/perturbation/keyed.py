@@ -14,6 +14,7 @@ comes from the project PRF keyed by a secret derived from the key file (never th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from ..base import Deps
 from ..errors import InvalidInput
 from ..types import LogprobBatch, RequestContext
 from .base import LogitShift
+from .ops import shift_logprobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +68,22 @@ class KeyedNoise(LogitShift):
     def delta(self, batch: LogprobBatch, ctx: RequestContext, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
         h = prf.hash_combine(self.seed(ctx.model, ctx.context_digest), rows + batch.position_offset, ids)
         return prf.normal(h) * (self.params.sigma * self.strength(ctx))
+
+    def perturb(self, values: Any, token_ids: Any, *, seeds: Any, positions: Any, strength: float = 1.0,
+                scale: float = 1.0, normalize: bool = False) -> Any:
+        """The same perturbation on raw arrays, numpy or torch (any device), for engine-side callers.
+
+        values: [..., K] logprobs (float); token_ids: [..., K] int64 (-1 missing); seeds: int64 per request,
+        broadcastable (``seed(model, digest)``, e.g. [B, 1, 1]); positions: broadcastable ([1, P, 1]);
+        scale: 1 / T for processed logprobs. Returns new logprobs; missing slots come back -inf.
+        """
+        h = prf.hash_combine(seeds, positions, token_ids)
+        sigma = self.params.sigma * min(strength, self.params.max_strength) * scale
+        if type(values).__module__.startswith("torch"):
+            import torch
+
+            noise = prf.normal(h, dtype=torch.float64).to(values.dtype) * sigma
+        else:
+            noise = prf.normal(h) * sigma
+        out, _ = shift_logprobs(values, token_ids >= 0, noise, keep_argmax=self.keep_argmax, normalize=normalize)
+        return out

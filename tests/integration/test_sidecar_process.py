@@ -89,10 +89,17 @@ def test_every_rpc_through_the_client_with_retries(sidecar):
         b = batch()
         out = c.protect(b, request_id="req-1", model="tiny", context_digest=first.context_digest,
                         client_id="c_test", profile=first.profile)
-        np.testing.assert_array_equal(out.batch.values, b.values)  # no response defense configured yet
+        # the example config's keyed noise: same tokens, same argmax, same top-k mass, other values
+        assert out.applied == ("keyed_noise",) and not out.failed_open
         np.testing.assert_array_equal(out.batch.token_ids, b.token_ids)
         np.testing.assert_array_equal(out.batch.sampled_token_ids, b.sampled_token_ids)
-        assert out.applied == () and not out.failed_open
+        assert not np.array_equal(out.batch.values, b.values)
+        assert (out.batch.values.argmax(1) == b.values.argmax(1)).all()
+        np.testing.assert_allclose(np.exp(out.batch.values.astype(np.float64)).sum(1),
+                                   np.exp(b.values.astype(np.float64)).sum(1), rtol=1e-5)
+        again = c.protect(b, request_id="req-1", model="tiny", context_digest=first.context_digest,
+                          client_id="c_test", profile=first.profile)
+        np.testing.assert_array_equal(again.batch.values, out.batch.values)  # repeat-stable
 
         u = Usage(prompt_tokens=7, completion_tokens=16, logprob_values=80)
         assert c.settle(ctx("req-1"), u, reservation_id=first.reservation_id) is True

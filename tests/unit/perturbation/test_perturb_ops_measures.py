@@ -65,3 +65,24 @@ def test_calibration_error():
     assert M.expected_calibration_error(prob_batch(np.zeros((3, 3))), np.zeros(3, int)) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="need probs"):
         M.expected_calibration_error(probs, np.zeros(3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_keyed_tensor_path_matches_the_batch_path(device):
+    from defense.base import Deps
+    from defense.keys import KeyRing
+    from defense.perturbation.keyed import KeyedNoise
+    from defense.types import RequestContext
+
+    d = KeyedNoise(deps=Deps(keys=KeyRing.generate()))
+    z = np.random.default_rng(3).normal(size=(2, 9, 40)) * 2
+    digests = [bytes([1]) * 32, bytes([2]) * 32]
+    want = np.stack([d.apply(topk_batch(z[i], 6), RequestContext(request_id="r", client_id="c", model="m",
+                                                                  context_digest=digests[i])).values
+                     for i in range(2)])
+    batches = [topk_batch(z[i], 6) for i in range(2)]
+    vals = torch.tensor(np.stack([b.values for b in batches]), dtype=torch.float64, device=device)
+    ids = torch.tensor(np.stack([b.token_ids for b in batches]), device=device)
+    seeds = torch.tensor([d.seed("m", g) for g in digests], device=device)[:, None, None]
+    got = d.perturb(vals, ids, seeds=seeds, positions=torch.arange(9, device=device)[None, :, None])
+    np.testing.assert_allclose(got.cpu().numpy().astype(np.float32), want, atol=1e-6)
