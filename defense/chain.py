@@ -147,8 +147,17 @@ def check_values(batch: LogprobBatch) -> None:
     if batch.kind is OutputKind.TOP_LOGPROBS:
         if vals.size and float(vals.max()) > _LOGPROB_SLACK:
             raise InvalidInput(f"logprobs must be <= 0, got {float(vals.max()):.6g}")
-        if batch.token_ids.size and (batch.token_ids[present] < 0).any():
+        ids = batch.token_ids
+        if ids.size and (ids[present] < 0).any():
             raise InvalidInput("token ids must be >= 0 (-1 marks a missing alternative)")
+        if ids.shape[1] > 1:
+            # a position listing a token twice: k larger than the vocabulary, or a broken front
+            s = np.sort(np.where(present, ids, -1 - np.arange(ids.shape[1])), axis=1)
+            dup = s[:, 1:] == s[:, :-1]
+            if dup.any():
+                row = int(np.argmax(dup.any(axis=1)))
+                raise InvalidInput(f"position {row} lists token id {int(s[row, 1:][dup[row]][0])} more than once "
+                                   f"(k larger than the vocabulary?)")
         # a top-k's total probability cannot exceed 1
         total = np.where(present, np.exp(np.minimum(v, 0.0)), 0.0).sum(axis=1)
         if total.size and float(total.max()) > 1.0 + _PROB_SUM_TOL:
@@ -287,7 +296,9 @@ class DefenseChain:
                     self._rewrite_counter(e.name, fname).inc()
                 rewrites = rewrites.merge(verdict.rewrites)
                 ctx = verdict.rewrites.apply(ctx)
-            strength = max(strength, verdict.strength)
+            if verdict.strength > strength:  # later defenses (request rules' caps) see the raised strength
+                strength = verdict.strength
+                ctx = evolve(ctx, strength=strength)
             reservation = reservation or verdict.reservation_id
         if refusal is not None:
             name, v = refusal

@@ -187,6 +187,16 @@ def test_protect_refuses_impossible_outputs(clock, metrics, values, kind, match)
         chain.protect(b, ctx())
 
 
+def test_repeated_token_ids_are_invalid_input(clock, metrics):
+    chain = DefenseChain([shift("s")], metrics=metrics, clock=clock)
+    b = LogprobBatch(values=np.log(np.array([[0.2, 0.1, 0.1], [0.5, 0.2, 0.1]], np.float32)),
+                     token_ids=np.array([[4, 7, -1], [3, 9, 3]]))
+    with pytest.raises(InvalidInput, match="position 1 lists token id 3 more than once"):
+        chain.protect(b, ctx())
+    ok = LogprobBatch(values=b.values, token_ids=np.array([[4, -1, -1], [3, 9, 2]]))
+    chain.protect(ok, ctx())  # several missing slots are not repeats
+
+
 def test_mismatched_shapes_are_invalid_input():
     with pytest.raises(InvalidInput, match="does not match"):
         LogprobBatch(values=np.zeros((2, 3), np.float32), token_ids=np.zeros((2, 4), np.int64))

@@ -79,3 +79,15 @@ def test_temperature_differencing():
     before_temperature = differencing_error(ours, LogprobsMode.PROCESSED)
     assert post_temperature < 1e-3  # differencing strips it and recovers the clean logits
     assert before_temperature > 0.3  # about E|n| = 0.4 for sigma 0.5: what it recovers is logits + noise
+
+
+def test_shadow_mode_counts_and_changes_nothing(clean):
+    from defense.metrics import Metrics
+
+    metrics = Metrics()
+    loaded = parse_config({"version": 1, "defenses": [{"type": "keyed_noise", "mode": "shadow"}]})
+    c = DefenseChain.from_config(loaded, deps=Deps(keys=KeyRing.generate(), metrics=metrics))
+    out = c.protect(clean, ctx())
+    assert out.batch is clean and out.applied == ()
+    assert metrics.registry.get_sample_value("distillguard_shadow_effects_total",
+                                             {"defense": "keyed_noise", "stage": "protect"}) == 1.0
