@@ -23,6 +23,9 @@ ENTRY_POINT_GROUP = "distillguard.defenses"
 # never imports torch.
 BUILTIN: Mapping[str, str] = {
     "request_rules": "defense.rules:RequestRules",
+    # in-engine watermarks (sampling defenses); the sidecar's Detect and `distillguard detect` read them too
+    "watermark": "defense.watermark.kgw:GreenListWatermark",  # KGW green list: the anti-distillation mark
+    "watermark_gumbel": "defense.watermark.gumbel:GumbelWatermark",  # Gumbel-max: distortion-free provenance
     "keyed_noise": "defense.perturbation.keyed:KeyedNoise",
     "random_noise": "defense.perturbation.random_noise:RandomNoise",
     "top_k_cap": "defense.perturbation.cap:TopKCap",
@@ -30,6 +33,7 @@ BUILTIN: Mapping[str, str] = {
     "quantize": "defense.perturbation.quantize:Quantize",
     "temperature": "defense.perturbation.temperature:Temperature",
     "reverse_sigmoid": "defense.perturbation.reverse_sigmoid:ReverseSigmoid",
+    "targeted": "defense.perturbation.targeted:Targeted",
 }
 
 

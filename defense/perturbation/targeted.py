@@ -1,0 +1,213 @@
+"""Targeted perturbation: move returned probability mass against a proxy student's learning direction.
+
+Random noise barely hurts a student; MAD and GRAD2 show that moving mass in the direction that most
+misleads the student's gradient does. This defense redirects (see ``redirect.py``) within an L1 (or TV)
+budget per row, keeping the argmax and the row's mass, for full probability vectors and for the top-k
+slice of LLM logprobs. The proxy student gives the prediction ``s`` the redirection works against:
+
+- ``uniform``: no model; s is flat, so mass moves from the likeliest alternatives to the least likely
+  (what a randomly initialized student would learn from, at no cost);
+- ``classifier``: a model-factory MLP folder; the query's input comes from the request's tensor bytes
+  (the KServe v2 front and in-process callers put the input tensor there);
+- ``lm``: a local causal LM folder sharing the teacher's tokenizer, or a random one of a given shape;
+  it reads the prompt plus the sampled completion (bounded by ``max_proxy_tokens``) in one forward pass.
+
+A gate in the spirit of Adaptive Misinformation scales the budget by how out-of-distribution the query
+looks: the teacher's own top-1 probability (high for familiar inputs) through a sigmoid, so benign
+in-distribution queries pay little and synthetic or off-task ones get the full budget. The profile's
+strength multiplies it. The result is deterministic in the request (no randomness at all).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from ..base import Deps
+from ..errors import InvalidInput
+from ..types import LogprobBatch, OutputKind, RequestContext
+from .base import Reshape, as_logprobs, column_ids
+from .redirect import redirect
+
+log = logging.getLogger("distillguard.perturbation.targeted")
+
+
+@dataclass(frozen=True, slots=True)
+class GateParams:
+    enabled: bool = True
+    tau: float = 0.7  # teacher top-1 probability below this reads as out of distribution
+    nu: float = 25.0  # slope of the switch (Adaptive Misinformation uses a near-hard 1000)
+    floor: float = 0.25  # share of the budget in-distribution queries still get
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.tau <= 1:
+            raise ValueError(f"gate.tau must be in [0, 1], got {self.tau}")
+        if not (math.isfinite(self.nu) and self.nu > 0):
+            raise ValueError(f"gate.nu must be > 0, got {self.nu}")
+        if not 0 <= self.floor <= 1:
+            raise ValueError(f"gate.floor must be in [0, 1], got {self.floor}")
+
+
+@dataclass(frozen=True, slots=True)
+class LMShape:
+    """A random proxy LM of this shape when no folder is given (MAD: even a random surrogate helps)."""
+
+    vocab_size: int = 0  # 0: required when proxy is lm without a folder
+    hidden_size: int = 64
+    num_layers: int = 1
+    num_heads: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class TargetedParams:
+    epsilon: float = 0.3  # distortion budget per row at strength 1, in ``distance`` units
+    distance: Literal["l1", "tv"] = "l1"  # TV is half the L1
+    keep_argmax: bool = True
+    floor: float = 0.05  # no alternative drops below 5% of its clean value: it stays visible to users
+    proxy: Literal["uniform", "classifier", "lm"] = "uniform"
+    proxy_path: str | None = None
+    proxy_shape: LMShape = field(default_factory=LMShape)
+    gate: GateParams = field(default_factory=GateParams)
+    max_strength: float = 4.0
+    max_proxy_tokens: int = 512  # per query: bounds the proxy's work
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
+        if self.distance not in ("l1", "tv"):
+            raise ValueError(f"distance must be 'l1' or 'tv', got {self.distance!r}")
+        if not 0 <= self.floor < 1:
+            raise ValueError(f"floor must be in [0, 1), got {self.floor}")
+        if self.proxy not in ("uniform", "classifier", "lm"):
+            raise ValueError(f"proxy must be uniform, classifier or lm, got {self.proxy!r}")
+        if self.proxy == "classifier" and not self.proxy_path:
+            raise ValueError("proxy: classifier needs proxy_path (a model-factory classifier folder)")
+        if self.proxy == "lm" and not self.proxy_path and self.proxy_shape.vocab_size < 2:
+            raise ValueError("proxy: lm needs proxy_path, or proxy_shape.vocab_size for a random proxy")
+        if self.max_strength < 1:
+            raise ValueError(f"max_strength must be >= 1, got {self.max_strength}")
+        if self.max_proxy_tokens < 1:
+            raise ValueError(f"max_proxy_tokens must be >= 1, got {self.max_proxy_tokens}")
+
+
+class Targeted(Reshape):
+    Params = TargetedParams
+
+    def __init__(self, params: TargetedParams | None = None, *, deps: Deps | None = None) -> None:
+        super().__init__(params, deps=deps)
+        p: TargetedParams = self.params
+        self._model: Any = None
+        self._tokenizer: Any = None
+        if p.proxy == "classifier":
+            from ..models import load_classifier
+
+            self._model, self._cfg = load_classifier(p.proxy_path)  # type: ignore[arg-type]
+            self._model.to(p.device).eval()
+        elif p.proxy == "lm":
+            self._load_lm(p)
+
+    def _load_lm(self, p: TargetedParams) -> None:
+        if p.proxy_path:
+            from ..models import load_model
+
+            self._model, self._tokenizer = load_model(p.proxy_path, device=p.device)
+            return
+        from ..models import TinyLMConfig, build_lm
+
+        shape = p.proxy_shape
+        cfg = TinyLMConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, num_layers=shape.num_layers,
+                           num_heads=shape.num_heads, max_positions=max(256, p.max_proxy_tokens))
+        self._model = build_lm(cfg, seed=0).to(p.device)  # token ids only: no tokenizer, prompts as ids
+
+    # -- the gate and the budget ------------------------------------------------------------------------
+    def budget(self, y: np.ndarray, present: np.ndarray, ctx: RequestContext) -> np.ndarray:
+        """[P] L1 budget per row: epsilon x strength x the out-of-distribution gate."""
+        p: TargetedParams = self.params
+        eps = p.epsilon * (2.0 if p.distance == "tv" else 1.0) * min(max(ctx.strength, 0.0), p.max_strength)
+        if not p.gate.enabled:
+            return np.full(y.shape[0], eps)
+        msp = np.where(present, y, 0.0).max(axis=1)
+        g = p.gate
+        ood = 1.0 / (1.0 + np.exp(-g.nu * (g.tau - msp)))
+        return eps * (g.floor + (1.0 - g.floor) * ood)
+
+    # -- the proxy's prediction on the returned slots ----------------------------------------------------
+    def proxy_probs(self, batch: LogprobBatch, ctx: RequestContext) -> np.ndarray:
+        """[P, K] the proxy student's probability of each returned alternative (flat for ``uniform``)."""
+        shape = batch.values.shape
+        if self._model is None:
+            return np.full(shape, 1.0 / shape[1])
+        if self.params.proxy == "classifier":
+            return self._classifier_probs(batch, ctx)
+        probs = self._lm_probs(batch, ctx)
+        return probs if probs is not None else np.full(shape, 1.0 / shape[1])
+
+    def _classifier_probs(self, batch: LogprobBatch, ctx: RequestContext) -> np.ndarray:
+        import torch
+
+        raw = ctx.prompt.tensor_bytes
+        d = self._cfg.in_dim
+        p_rows = batch.values.shape[0]
+        if raw is None or len(raw) != p_rows * d * 4:
+            raise InvalidInput(f"targeted (classifier proxy) needs the input tensor: {p_rows} x {d} float32 in the "
+                               f"request's tensor bytes, got {0 if raw is None else len(raw)} bytes")
+        x = torch.from_numpy(np.frombuffer(raw, dtype=np.float32).reshape(p_rows, d).copy()).to(self.params.device)
+        with torch.no_grad():
+            probs = torch.softmax(self._model(x).double(), dim=-1).cpu().numpy()
+        ids = np.clip(column_ids(batch), 0, probs.shape[1] - 1)
+        return np.take_along_axis(probs, ids, axis=1)
+
+    def _lm_probs(self, batch: LogprobBatch, ctx: RequestContext) -> np.ndarray | None:
+        import torch
+
+        if batch.sampled_token_ids is None:
+            return None  # without the completion the proxy cannot know what each position saw
+        prompt_ids: list[int] = []
+        if ctx.prompt.token_ids is not None:
+            prompt_ids = list(ctx.prompt.token_ids)
+        elif ctx.prompt.text is not None and self._tokenizer is not None:
+            prompt_ids = self._tokenizer(ctx.prompt.text, add_special_tokens=False).input_ids
+        if not prompt_ids:
+            return None
+        completion = batch.sampled_token_ids.tolist()
+        seq = prompt_ids + completion
+        first = len(prompt_ids) - 1  # logits at this index predict completion position 0
+        cut = max(0, len(seq) - self.params.max_proxy_tokens)
+        seq, first = seq[cut:], first - cut
+        if first < 0:
+            return None
+        vocab = self._model.config.vocab_size
+        ids_t = torch.tensor([[min(max(t, 0), vocab - 1) for t in seq]], device=self.params.device)
+        with torch.no_grad():
+            logits = self._model(ids_t).logits[0, first:first + len(completion)].double()
+            probs = torch.softmax(logits, dim=-1).cpu().numpy()
+        cols = np.clip(column_ids(batch), 0, vocab - 1)
+        return np.take_along_axis(probs, cols, axis=1)
+
+    # -- the defense ------------------------------------------------------------------------------------
+    def reshape(self, lp: np.ndarray, present: np.ndarray, batch: LogprobBatch,
+                ctx: RequestContext) -> tuple[np.ndarray, np.ndarray]:
+        y = np.where(present, np.exp(lp), 0.0)
+        s = self.proxy_probs(batch, ctx)
+        out = redirect(y, s, present, self.budget(y, present, ctx), keep_argmax=self.params.keep_argmax,
+                       floor=self.params.floor)
+        with np.errstate(divide="ignore"):
+            return np.where(present, np.log(np.maximum(out, 1e-300)), -np.inf), present
+
+    def apply(self, batch: LogprobBatch, ctx: RequestContext) -> LogprobBatch:
+        out = super().apply(batch, ctx)
+        if out is batch or batch.sampled_values is None or batch.sampled_token_ids is None:
+            return out
+        # the sampled token's value follows its alternative when it was returned
+        hit = (column_ids(batch) == batch.sampled_token_ids[:, None]) & batch.present
+        new_vals = as_logprobs(out)
+        if batch.kind is OutputKind.PROBABILITIES:
+            new_vals = np.exp(new_vals)
+        from_row = np.where(hit, new_vals, -np.inf).max(axis=1)
+        sampled = np.where(hit.any(axis=1), from_row, batch.sampled_values).astype(np.float32)
+        return replace(out, sampled_values=sampled)
