@@ -10,7 +10,8 @@ slice of LLM logprobs. The proxy student gives the prediction ``s`` the redirect
 - ``classifier``: a model-factory MLP folder; the query's input comes from the request's tensor bytes
   (the KServe v2 front and in-process callers put the input tensor there);
 - ``lm``: a local causal LM folder sharing the teacher's tokenizer, or a random one of a given shape;
-  it reads the prompt plus the sampled completion (bounded by ``max_proxy_tokens``) in one forward pass.
+  it reads the prompt plus the sampled completion (bounded by ``max_proxy_tokens``) in one forward pass,
+  and its prediction is taken over the returned alternatives only (what a top-k distiller fits).
 
 A gate in the spirit of Adaptive Misinformation scales the budget by how out-of-distribution the query
 looks: the teacher's own top-1 probability (high for familiar inputs) through a sigmoid, so benign
@@ -183,11 +184,15 @@ class Targeted(Reshape):
             return None
         vocab = self._model.config.vocab_size
         ids_t = torch.tensor([[min(max(t, 0), vocab - 1) for t in seq]], device=self.params.device)
-        with torch.no_grad():
-            logits = self._model(ids_t).logits[0, first:first + len(completion)].double()
-            probs = torch.softmax(logits, dim=-1).cpu().numpy()
-        cols = np.clip(column_ids(batch), 0, vocab - 1)
-        return np.take_along_axis(probs, cols, axis=1)
+        cols = torch.from_numpy(np.clip(column_ids(batch), 0, vocab - 1)).to(self.params.device)
+        with torch.inference_mode():
+            hidden = self._model.model(ids_t, use_cache=False).last_hidden_state[0, first:first + len(completion)]
+            # only the returned slots' rows of the output layer: [P, K, D] x [P, D] -> [P, K] logits. The
+            # proxy's prediction is taken conditional on the returned alternatives (a softmax over them), as
+            # a top-k distiller sees it; this skips the [P, V] head and its normalizer (most of the cost).
+            w = self._model.get_output_embeddings().weight[cols]
+            logits = torch.einsum("pkd,pd->pk", w, hidden)
+            return torch.softmax(logits.double(), dim=-1).cpu().numpy()
 
     # -- the defense ------------------------------------------------------------------------------------
     def reshape(self, lp: np.ndarray, present: np.ndarray, batch: LogprobBatch,

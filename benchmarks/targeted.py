@@ -1,0 +1,98 @@
+"""Targeted perturbation cost: Protect with ``targeted`` (an LM proxy student) and with ``keyed_noise`` on
+the same 256-position top-20 response, against the teacher's own forward pass over those positions.
+
+    ./dev bench targeted           # or: .venv/bin/python benchmarks/targeted.py
+
+The teacher is the model factory's default tiny LM shape (hidden 128, 2 layers, vocabulary 2048); the
+proxy is 4x narrower with one layer, the size MAD's result says suffices (even random surrogates help).
+Weights are random: the cost does not depend on them. Writes benchmarks/results/targeted.json (median
+milliseconds: ``targeted_ms``, ``keyed_ms``, ``teacher_forward_ms``) and appends a line to results.md.
+Target: targeted_ms <= 0.25 x teacher_forward_ms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from defense.base import Deps  # noqa: E402
+from defense.keys import KeyRing  # noqa: E402
+from defense.models import TinyLMConfig, build_lm  # noqa: E402
+from defense.perturbation.keyed import KeyedNoise  # noqa: E402
+from defense.perturbation.targeted import GateParams, LMShape, Targeted, TargetedParams  # noqa: E402
+from defense.types import LogprobBatch, Prompt, RequestContext  # noqa: E402
+
+V, P, K, PROMPT = 2048, 256, 20, 32
+
+
+def median_ms(fn, reps: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts) * 1e3)
+
+
+def main() -> int:
+    torch.set_num_threads(1)  # the machine is shared: one thread each for teacher and proxy keeps the ratio fair
+    teacher = build_lm(TinyLMConfig(vocab_size=V, hidden_size=128, num_layers=2, num_heads=4, max_positions=512))
+    rng = np.random.default_rng(0)
+    seq = torch.tensor(rng.integers(0, V, size=(1, PROMPT + P)))
+    with torch.no_grad():
+        lp = torch.log_softmax(teacher(seq).logits[0, PROMPT - 1:PROMPT - 1 + P].double(), -1).numpy()
+    ids = np.argsort(-lp, 1)[:, :K]
+    batch = LogprobBatch(values=np.take_along_axis(lp, ids, 1).astype(np.float32), token_ids=ids,
+                         sampled_token_ids=seq[0, PROMPT:].numpy().copy(),
+                         sampled_values=lp[np.arange(P), seq[0, PROMPT:].numpy()].astype(np.float32))
+    ctx = RequestContext(request_id="b", client_id="c", model="tiny", context_digest=b"d" * 32,
+                         prompt=Prompt(token_ids=tuple(seq[0, :PROMPT].tolist())))
+    targeted = Targeted(TargetedParams(proxy="lm", proxy_shape=LMShape(vocab_size=V, hidden_size=32, num_layers=1,
+                                                                      num_heads=2), gate=GateParams(enabled=True)))
+    keyed = KeyedNoise(deps=Deps(keys=KeyRing.generate()))
+
+    def teacher_forward() -> None:
+        with torch.no_grad():
+            teacher(seq[:, : PROMPT + P], use_cache=False)
+
+    result = {
+        "teacher_forward_ms": round(median_ms(teacher_forward), 3),
+        "targeted_ms": round(median_ms(lambda: targeted.apply(batch, ctx)), 3),
+        "targeted_uniform_ms": round(median_ms(lambda: Targeted().apply(batch, ctx)), 3),
+        "keyed_ms": round(median_ms(lambda: keyed.apply(batch, ctx)), 3),
+        "shape": f"{P} positions x top-{K}, prompt {PROMPT} tokens, vocabulary {V}",
+        "teacher": "llama hidden 128, 2 layers", "proxy": "llama hidden 32, 1 layer",
+        "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+    }
+    ratio = result["targeted_ms"] / result["teacher_forward_ms"]
+    result["targeted_over_teacher"] = round(ratio, 3)
+    result["targets_met"] = ratio <= 0.25
+    summary = (f"targeted {result['targeted_ms']} ms (LM proxy), keyed {result['keyed_ms']} ms, teacher forward "
+               f"{result['teacher_forward_ms']} ms over 256x20: ratio {ratio:.3f} (target <= 0.25); "
+               f"targets {'met' if ratio <= 0.25 else 'MISSED'}")
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "targeted.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    with open(ROOT / "benchmarks" / "results.md", "a") as f:
+        f.write(f"- {datetime.now(UTC):%Y-%m-%d %H:%M} UTC `targeted`: {summary}\n")
+    print(json.dumps(result, indent=2, sort_keys=True))
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
