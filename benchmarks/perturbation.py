@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import machine, record  # noqa: E402
 
 from defense.base import Deps  # noqa: E402
 from defense.chain import DefenseChain  # noqa: E402
@@ -124,7 +123,7 @@ def main() -> int:
         "shape": "256 positions x top-20", "lm": {"train_steps": args.steps, "positions_scored": int(len(lp)),
                                                   "vocab": int(lp.shape[1])},
         "defaults": next(e.defense.params for e in example.entries if e.name == "keyed_noise").__repr__(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus", "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        **machine(),
     }
     met = (result["protect_ms"] <= TARGETS["protect_ms"] and result["top1_agreement"] >= TARGETS["top1_agreement"]
            and result["mean_tv"] <= TARGETS["mean_tv"])
@@ -132,11 +131,7 @@ def main() -> int:
     summary = (f"protect {result['protect_ms']} ms (256x20, target <= 2); default keyed_noise on the tiny LM's "
                f"top-5: top-1 agreement {result['top1_agreement']}, mean TV {result['mean_tv']} (target <= 0.10); "
                f"top-20 mean TV {u['top20_strength1']['mean_tv']:.4f}; targets {'met' if met else 'MISSED'}")
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "perturbation.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    with open(ROOT / "benchmarks" / "results.md", "a") as f:
-        f.write(f"- {datetime.now(UTC):%Y-%m-%d %H:%M} UTC `perturbation`: {summary}\n")
+    record("perturbation", result, summary)
     print(json.dumps(result, indent=2, sort_keys=True))
     print(summary)
     return 0

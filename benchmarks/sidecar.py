@@ -15,17 +15,17 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import machine, record  # noqa: E402
 
 ECHO_METHOD = "/distillguard.bench.Echo/Call"
 TARGETS = {"admit_p50_us": ("<=", 1.25, "echo_p50_us"), "admit_p99_us": ("<=", 2.0, "echo_p99_us")}
@@ -134,14 +134,6 @@ def measure(target: str, calls: int, seconds: float) -> dict:
     }
 
 
-def record(name: str, result: dict, summary: str) -> None:
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    with open(ROOT / "benchmarks" / "results.md", "a") as f:
-        f.write(f"- {datetime.now(UTC):%Y-%m-%d %H:%M} UTC `{name}`: {summary}\n")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=3000, help="sequential calls per RPC")
@@ -170,7 +162,7 @@ def main() -> int:
         "config": os.path.relpath(args.config, ROOT),
         "transport": "uds", "server": "grpc.aio, one process; client: grpc sync, another process",
         "malloc_env": bool(os.environ.get("MALLOC_MMAP_THRESHOLD_")),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus", "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        **machine(),
     })
     met = all(result[k] <= f * result[b] for k, (_, f, b) in TARGETS.items())
     summary = (f"admit p50 {result['admit_p50_us']} us vs echo {result['echo_p50_us']} us "

@@ -13,11 +13,8 @@ Target: targeted_ms <= 0.25 x teacher_forward_ms.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import machine, record  # noqa: E402
 
 from defense.base import Deps  # noqa: E402
 from defense.keys import KeyRing  # noqa: E402
@@ -75,8 +74,7 @@ def main() -> int:
         "keyed_ms": round(median_ms(lambda: keyed.apply(batch, ctx)), 3),
         "shape": f"{P} positions x top-{K}, prompt {PROMPT} tokens, vocabulary {V}",
         "teacher": "llama hidden 128, 2 layers", "proxy": "llama hidden 32, 1 layer",
-        "threads": torch.get_num_threads(), "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "threads": torch.get_num_threads(), **machine(),
     }
     ratio = result["targeted_ms"] / result["teacher_forward_ms"]
     result["targeted_over_teacher"] = round(ratio, 3)
@@ -84,11 +82,7 @@ def main() -> int:
     summary = (f"targeted {result['targeted_ms']} ms (LM proxy), keyed {result['keyed_ms']} ms, teacher forward "
                f"{result['teacher_forward_ms']} ms over 256x20: ratio {ratio:.3f} (target <= 0.25); "
                f"targets {'met' if ratio <= 0.25 else 'MISSED'}")
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "targeted.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    with open(ROOT / "benchmarks" / "results.md", "a") as f:
-        f.write(f"- {datetime.now(UTC):%Y-%m-%d %H:%M} UTC `targeted`: {summary}\n")
+    record("targeted", result, summary)
     print(json.dumps(result, indent=2, sort_keys=True))
     print(summary)
     return 0
