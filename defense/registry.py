@@ -23,6 +23,7 @@ ENTRY_POINT_GROUP = "distillguard.defenses"
 # never imports torch.
 BUILTIN: Mapping[str, str] = {
     "request_rules": "defense.rules:RequestRules",
+    "budget": "defense.throttle.budget:Budget",
     # in-engine watermarks (sampling defenses); the sidecar's Detect and `distillguard detect` read them too
     "watermark": "defense.watermark.kgw:GreenListWatermark",  # KGW green list: the anti-distillation mark
     "watermark_gumbel": "defense.watermark.gumbel:GumbelWatermark",  # Gumbel-max: distortion-free provenance
@@ -34,6 +35,7 @@ BUILTIN: Mapping[str, str] = {
     "temperature": "defense.perturbation.temperature:Temperature",
     "reverse_sigmoid": "defense.perturbation.reverse_sigmoid:ReverseSigmoid",
     "targeted": "defense.perturbation.targeted:Targeted",
+    "antidistill": "defense.antidistill.sampler:AntidistillSampling",
 }
 
 
