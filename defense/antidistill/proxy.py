@@ -57,14 +57,18 @@ class PerturbedPair:
 
         ``keys`` identify the rows (request ids) so a batch that merely grew by one token reuses the caches.
         """
-        if any(len(p) == 0 for p in prefixes):
+        dense = isinstance(prefixes, torch.Tensor)  # [B, L] from transformers: every row the same length
+        lengths = [prefixes.shape[1]] * prefixes.shape[0] if dense else [len(p) for p in prefixes]
+        if min(lengths, default=0) == 0:
             raise ValueError("every row needs at least one token of prefix")
-        want = tuple((k, len(p)) for k, p in zip(keys, prefixes, strict=True))
+        want = tuple(zip(keys, lengths, strict=True))
         if self._keys is not None and len(want) == len(self._keys) and all(
                 k == old[0] and n == old[1] + 1 for (k, n), old in zip(want, self._keys, strict=True)):
-            out = self._step(torch.tensor([[p[-1]] for p in prefixes], device=self.device))
+            last = prefixes[:, -1:].to(self.device) if dense else torch.tensor([[p[-1]] for p in prefixes],
+                                                                               device=self.device)
+            out = self._step(last)
         else:
-            out = self._prefill(prefixes)
+            out = self._prefill(prefixes.tolist() if dense else prefixes)
         self._keys = want
         return out
 
