@@ -1,0 +1,484 @@
+"""The KServe v2 (Triton GRPCInferenceService) proxy: Admit, Protect and Settle around every inference.
+
+Handlers work on bytes (no gRPC (de)serializers), so what needs no change is forwarded without a copy:
+- ModelInfer / ModelStreamInfer: checked against the model's metadata (names, datatypes, shapes, sizes),
+  admitted by the chain (the client is a keyed hash of its bearer token, the tenant a header), forwarded
+  to Triton, then each declared probability or logprob output is perturbed, stripped and undeclared
+  outputs are removed, and usage is settled. An upstream failure settles as upstream_error (the
+  reservation is released) and answers UNAVAILABLE; a client that goes away settles as client_abort.
+- shared-memory RPCs are refused: outputs written to shared memory would never pass through the proxy.
+- every other RPC (health, metadata, config, statistics, repository, trace and log settings) passes through.
+
+The chain decides, this module translates: proto -> RequestContext / LogprobBatch, one call, -> proto.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError as _DecodeError
+from tritonclient.grpc import service_pb2 as pb
+
+from defense.canonical import context_digest
+from defense.chain import Admission, DefenseChain
+from defense.clock import SYSTEM_CLOCK, Clock
+from defense.errors import DefenseFailure, InvalidInput
+from defense.identity import identify
+from defense.sidecar.servicer import RuntimeHolder
+from defense.types import Api, LogprobBatch, OutputKind, Prompt, RequestContext, SettleStatus, Usage, evolve
+
+from . import tensors
+from .settings import ModelSpec, ProxySettings
+from .status import Refusal, refusal, upstream_refusal
+
+log = logging.getLogger("distillguard.kserve")
+
+SERVICE = "inference.GRPCInferenceService"
+INTERCEPTED = ("ModelInfer", "ModelStreamInfer")
+SHARED_MEMORY_RPCS = frozenset({
+    "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
+})
+# per-tensor parameters that move outputs out of the response (shared memory) or turn probabilities into
+# strings the proxy would not recognize as probabilities (Triton's classification extension)
+_BYPASS_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset", "classification")
+_FINAL = "triton_final_response"
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A request that passed the checks and was admitted, with what its response needs."""
+
+    adm: Admission
+    spec: ModelSpec
+    upstream: bytes  # the request as Triton gets it
+    row_digests: list[bytes] | None  # per batch row when the batch holds more than one row
+    prompt_tokens: int
+    asked: frozenset[str]  # outputs the client named; empty: all it may have
+    client_id: str = ""  # the id the client gave (streams replace it upstream with a unique one)
+    settled: bool = False
+
+
+class KServeProxy:
+    """Handlers for one upstream; the chain comes from ``holder`` at each call, so a reload takes effect."""
+
+    def __init__(self, settings: ProxySettings, holder: RuntimeHolder, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.settings = settings
+        self.holder = holder
+        self.clock = clock
+        self._meta: dict[tuple[str, str], tuple[float, tensors.ModelMeta]] = {}
+        self._channel: grpc.aio.Channel | None = None
+        self._calls: dict[str, Any] = {}
+        self._ids: dict[int, np.ndarray] = {}  # class-index arrays for dense logprob vectors, by width
+        m = holder.runtime.deps.metrics
+        assert m is not None  # noqa: S101 - build_runtime always sets it
+        self._metrics = m
+        self._forward_keys = frozenset(k.lower() for k in settings.forward_metadata)
+        # request ids for the chain: a random per-process prefix and a counter (unique across replicas and
+        # restarts, and a tenth of uuid4's cost)
+        self._id_prefix = f"kserve-{uuid.uuid4().hex[:16]}-"
+        self._seq = itertools.count()
+        self._ok_infer = m.rpc_duration.labels("kserve.ModelInfer", "OK")  # bound once: a lookup per call costs
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Open the upstream channel (inside the running event loop)."""
+        n = self.settings.max_message_bytes
+        self._channel = grpc.aio.insecure_channel(
+            self.settings.upstream,
+            options=[("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)])
+        for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+            path = f"/{SERVICE}/{method.name}"
+            stream = method.name == "ModelStreamInfer"
+            self._calls[method.name] = (self._channel.stream_stream(path) if stream
+                                        else self._channel.unary_unary(path))
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        if self._channel is None:
+            self.open()
+        handlers: dict[str, grpc.RpcMethodHandler] = {
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(self.model_stream_infer),
+        }
+        for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+            if method.name in INTERCEPTED:
+                continue
+            fn = self._refuse_shared_memory(method.name) if method.name in SHARED_MEMORY_RPCS \
+                else self._passthrough(method.name)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(fn)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        left = context.time_remaining()
+        return min(self.settings.upstream_timeout_s, left) if left is not None else self.settings.upstream_timeout_s
+
+    def _forward(self, md: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...] | None:
+        if not self._forward_keys:
+            return None
+        return tuple((k, v) for k, v in md if k in self._forward_keys) or None
+
+    def _observe(self, method: str, code: str, t0: float) -> None:
+        self._metrics.rpc_duration.labels(f"kserve.{method}", code).observe(time.perf_counter() - t0)
+
+    def _passthrough(self, method: str) -> Callable[..., Any]:
+        async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            t0 = time.perf_counter()
+            try:
+                out = await self._calls[method](request, timeout=self._timeout(context),
+                                                metadata=self._forward(context.invocation_metadata() or ()))
+            except grpc.aio.AioRpcError as e:
+                r = upstream_refusal(e, self.settings.upstream)
+                self._observe(method, r.code.name, t0)
+                await context.abort(r.code, r.message)
+            self._observe(method, "OK", t0)
+            return out
+
+        return handler
+
+    def _refuse_shared_memory(self, method: str) -> Callable[..., Any]:
+        async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                f"{method} is not available through the distillguard proxy: outputs written to "
+                                "shared memory would bypass output protection")
+            raise AssertionError("unreachable")  # abort raises
+
+        return handler
+
+    # -- metadata -------------------------------------------------------------------------------
+    async def metadata(self, model: str, version: str, context: grpc.aio.ServicerContext) -> tensors.ModelMeta:
+        key = (model, version)
+        now = self.clock.monotonic()
+        hit = self._meta.get(key)
+        if hit is not None and now - hit[0] < self.settings.metadata_ttl_s:
+            return hit[1]
+        req = pb.ModelMetadataRequest(name=model, version=version)
+        try:
+            raw = await self._calls["ModelMetadata"](req.SerializeToString(), timeout=self._timeout(context))
+        except grpc.aio.AioRpcError as e:
+            raise upstream_refusal(e, self.settings.upstream) from None
+        meta = tensors.ModelMeta.from_pb(pb.ModelMetadataResponse.FromString(raw))
+        spec = self.settings.models[model]
+        for name in sorted(spec.protected):
+            out = meta.outputs.get(name)
+            if out is not None and out.datatype not in tensors.FLOAT_TYPES:
+                raise Refusal(grpc.StatusCode.INTERNAL,
+                              f"proxy config: output {name!r} of model {model!r} is declared a probability or "
+                              f"logprob output, but Triton says it is {out.datatype}")
+        undeclared = sorted(set(meta.outputs) - spec.returned - set(spec.strip))
+        if undeclared and hit is None:
+            log.warning("model %r has outputs the proxy config does not declare; they are stripped: %s",
+                        model, ", ".join(undeclared))
+        self._meta[key] = (now, meta)
+        return meta
+
+    # -- admission ------------------------------------------------------------------------------
+    async def prepare(self, request: Any, raw: bytes | None, md: Sequence[tuple[str, Any]],
+                      context: grpc.aio.ServicerContext, *, upstream_id: str | None = None) -> Prepared:
+        """Check the request, admit it, and build what goes upstream. Raises Refusal or InvalidInput."""
+        model = request.model_name
+        spec = self.settings.models.get(model)
+        if spec is None:
+            raise Refusal(grpc.StatusCode.NOT_FOUND,
+                          f"model {model!r} is not served through this proxy; models: {', '.join(self.settings.models)}")
+        for t in (*request.inputs, *request.outputs):
+            for p in _BYPASS_PARAMS if t.parameters else ():
+                if p in t.parameters:
+                    raise InvalidInput(f"tensor {t.name!r} has parameter {p!r}, which is not supported through the "
+                                       "distillguard proxy: outputs must come back in the response, as tensors")
+        meta = await self.metadata(model, request.model_version, context)
+        data = tensors.input_data(request)
+        batch = tensors.check_inputs(request, data, meta, max_input_bytes=self.settings.max_input_bytes,
+                                     batched=spec.batched)
+        asked = [o.name for o in request.outputs]
+        for name in asked:
+            if name not in meta.outputs:
+                raise InvalidInput(f"model {model!r} has no output {name!r}; outputs: {', '.join(meta.outputs)}")
+        withheld = [n for n in asked if n not in spec.returned]
+        if asked and len(withheld) == len(asked):
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
+                          f"output(s) {', '.join(withheld)} of model {model!r} are not available through this proxy")
+
+        rt = self.holder.runtime
+        chain = rt.chain
+        headers = {k: v for k, v in md if isinstance(v, str)}
+        ident = chain.identity
+        if rt.keys is not None:
+            client, tenant = identify(headers, rt.keys, tenant_header=ident.tenant_header,
+                                      default_tenant=ident.default_tenant)
+        else:
+            client, tenant = "anonymous", ident.default_tenant
+        canonical = tensors.canonical_request(request, data)
+        ctx = RequestContext(
+            # never the client's own id: a reused id would hit the chain's idempotency ledger and be
+            # admitted (and charged) once for many requests
+            request_id=f"{self._id_prefix}{next(self._seq)}", client_id=client, tenant=tenant, model=model,
+            api=Api.KSERVE_V2, prompt=Prompt(tensor_bytes=canonical),
+            max_tokens=0,  # nothing is generated: a classifier reserves no completion tokens
+            logprobs=bool(spec.protected & (set(asked) if asked else set(meta.outputs))),
+            raw_logits_outputs=tuple(n for n in asked if n in spec.strip),
+            received_at=self.clock.now(),
+        )
+        rows = None  # computed before admission: nothing after it may fail and leave a reservation held
+        if spec.batched and batch > 1:
+            rows = [context_digest(model, Prompt(tensor_bytes=b)) for b in tensors.canonical_rows(request, data, batch)]
+        adm = chain.admit(ctx)
+        if not adm.allowed:
+            raise refusal(adm, chain)
+        if withheld or upstream_id is not None:
+            # Triton need not compute what is never returned; a stream's requests get unique ids upstream
+            up = pb.ModelInferRequest()
+            up.CopyFrom(request)
+            if withheld:
+                keep = [o for o in request.outputs if o.name in spec.returned]
+                del up.outputs[:]
+                up.outputs.extend(keep)
+            if upstream_id is not None:
+                up.id = upstream_id
+            upstream = up.SerializeToString()
+        else:
+            upstream = raw if raw is not None else request.SerializeToString()
+        return Prepared(adm, spec, upstream, rows, chain.estimate(adm.ctx).prompt_tokens, frozenset(asked),
+                        client_id=request.id)
+
+    def _settle_done(self, prep: Prepared, values: int, context: grpc.aio.ServicerContext) -> None:
+        try:
+            cancelled = context.cancelled()
+        except Exception:  # noqa: BLE001 - a context without the call's state: treat as delivered
+            cancelled = False
+        self.settle(prep, SettleStatus.CLIENT_ABORT if cancelled else SettleStatus.OK, values)
+
+    def settle(self, prep: Prepared, status: SettleStatus, values: int = 0) -> None:
+        if prep.settled:
+            return
+        prep.settled = True
+        usage = Usage(prompt_tokens=prep.prompt_tokens if status is SettleStatus.OK else 0,
+                      logprob_values=values, status=status)
+        try:
+            self.holder.runtime.chain.settle(prep.adm.ctx, usage)
+        except DefenseFailure as e:  # the answer is already decided; the chain counted the failure
+            log.warning("settle failed for %s: %s", prep.adm.ctx.request_id, e)
+
+    # -- response -------------------------------------------------------------------------------
+    def _class_ids(self, k: int) -> np.ndarray:
+        ids = self._ids.get(k)
+        if ids is None:
+            ids = self._ids[k] = np.arange(k, dtype=np.int64)
+        return ids
+
+    def _protect(self, values: np.ndarray, kind: OutputKind, ctx: RequestContext, chain: DefenseChain) -> np.ndarray:
+        # values: [P, C] float32 -> [P, C] float32
+        if kind is OutputKind.PROBABILITIES:
+            ids = np.empty((values.shape[0], 0), dtype=np.int64)  # dense: column j is class j
+        else:
+            ids = np.broadcast_to(self._class_ids(values.shape[1]), values.shape)
+        return chain.protect(LogprobBatch(values=values, token_ids=ids, kind=kind), ctx).batch.values
+
+    def protect_response(self, response: Any, prep: Prepared, *, where: str) -> int:
+        """Perturb declared outputs and drop the rest, in place; returns the number of values returned."""
+        spec = prep.spec
+        chain = self.holder.runtime.chain
+        perturb = bool(chain.response)  # no response defense configured: strip only, decode nothing
+        n_out = len(response.outputs)
+        raw = len(response.raw_output_contents) == n_out and n_out > 0
+        drop: list[int] = []
+        returned = 0
+        for i, out in enumerate(response.outputs):
+            if out.name not in spec.returned or (prep.asked and out.name not in prep.asked):
+                drop.append(i)
+                continue
+            if out.name not in spec.protected:
+                continue
+            if not perturb:
+                returned += tensors.n_elements(out.shape)
+                continue
+            label = f"output {out.name!r} of model {response.model_name!r} ({where})"
+            arr = tensors.output_array(out, response.raw_output_contents[i] if raw else None, label)
+            if arr.ndim < (2 if spec.batched else 1):
+                raise InvalidInput(f"{label} has shape {list(arr.shape)}: a probability or logprob output needs "
+                                   f"[{'batch, ' if spec.batched else ''}..., classes]")
+            kind = OutputKind.PROBABILITIES if out.name in spec.probabilities else OutputKind.TOP_LOGPROBS
+            work = arr.astype(np.float32)
+            if arr.dtype == np.float16 and kind is OutputKind.PROBABILITIES:
+                work = work / work.sum(axis=-1, keepdims=True)  # fp16 rounding can leave a sum 1e-3 off one
+            classes = work.shape[-1]
+            if prep.row_digests is None:
+                new = self._protect(work.reshape(-1, classes), kind, prep.adm.ctx, chain).reshape(work.shape)
+            else:
+                # one chain call per batch row: each row's noise is keyed by that row's own input bytes, so
+                # the same input gets the same answer alone or in any batch (the loop is over rows, not values)
+                new = np.empty_like(work)
+                for b, digest in enumerate(prep.row_digests):
+                    ctx = evolve(prep.adm.ctx, context_digest=digest)
+                    new[b] = self._protect(work[b].reshape(-1, classes), kind, ctx, chain).reshape(work.shape[1:])
+            tensors.set_output(response, i, new, raw=raw)
+            returned += int(new.size)
+        for i in reversed(drop):
+            del response.outputs[i]
+            if raw:
+                del response.raw_output_contents[i]
+        return returned
+
+    # -- ModelInfer -----------------------------------------------------------------------------
+    async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        t0 = time.perf_counter()
+        prep: Prepared | None = None
+        err: Refusal | None = None
+        try:
+            request = pb.ModelInferRequest.FromString(raw)
+            md = context.invocation_metadata() or ()
+            prep = await self.prepare(request, raw, md, context)
+            try:
+                out = await self._calls["ModelInfer"](prep.upstream, timeout=self._timeout(context),
+                                                      metadata=self._forward(md))
+            except grpc.aio.AioRpcError as e:
+                self.settle(prep, SettleStatus.UPSTREAM_ERROR)
+                raise upstream_refusal(e, self.settings.upstream) from None
+            response = pb.ModelInferResponse.FromString(out)
+            try:
+                values = self.protect_response(response, prep, where="ModelInfer")
+            except InvalidInput as e:  # Triton's answer does not fit the config: not the client's fault
+                self.settle(prep, SettleStatus.UPSTREAM_ERROR)
+                raise Refusal(grpc.StatusCode.INTERNAL, f"cannot protect the response: {e}") from None
+            # settled once the answer is on its way, off the request's latency path (the budget's store
+            # write is the slowest step of a request); a client gone by then settles as client_abort
+            context.add_done_callback(functools.partial(self._settle_done, prep, values))
+            self._ok_infer.observe(time.perf_counter() - t0)
+            return response.SerializeToString()
+        except asyncio.CancelledError:
+            if prep is not None:
+                self.settle(prep, SettleStatus.CLIENT_ABORT)
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status, never a dead handler
+            if prep is not None and not prep.settled:
+                self.settle(prep, SettleStatus.UPSTREAM_ERROR)
+            err = _as_refusal(e)
+        self._observe("ModelInfer", err.code.name, t0)
+        await context.abort(err.code, err.message, trailing_metadata=err.trailers)
+        raise AssertionError("unreachable")  # abort raises
+
+    # -- ModelStreamInfer -----------------------------------------------------------------------
+    async def model_stream_infer(self, requests: AsyncIterator[bytes],
+                                 context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """One upstream stream per client stream. A refused request gets a response with ``error_message``
+        (as Triton reports per-request errors on a stream) and the stream goes on."""
+        md = context.invocation_metadata() or ()
+        call = self._calls["ModelStreamInfer"](metadata=self._forward(md))
+        pending: dict[str, Prepared] = {}
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def pump_requests() -> None:
+            try:
+                async for raw in requests:
+                    request = pb.ModelInferRequest.FromString(raw)
+                    uid = "dg-" + uuid.uuid4().hex
+                    try:
+                        prep = await self.prepare(request, raw, md, context, upstream_id=uid)
+                    except Exception as e:  # noqa: BLE001 - a refused request must not end the stream
+                        r = _as_refusal(e)
+                        await queue.put(_stream_error(request, f"{r.code.name}: {r.message}"))
+                        continue
+                    pending[uid] = prep
+                    await call.write(prep.upstream)
+                await call.done_writing()
+            except grpc.aio.AioRpcError:
+                pass  # the upstream side ends too; pump_responses reports it
+
+        async def pump_responses() -> None:
+            try:
+                async for out in call:
+                    msg = pb.ModelStreamInferResponse.FromString(out)
+                    uid = msg.infer_response.id
+                    prep = pending.get(uid)
+                    if prep is None:  # not ours to map back: never pass on an unprotected answer
+                        await queue.put(pb.ModelStreamInferResponse(
+                            error_message=msg.error_message or "response without a known request id").SerializeToString())
+                        continue
+                    msg.infer_response.id = prep.client_id
+                    final = _is_final(msg.infer_response)
+                    if msg.error_message:
+                        if final:
+                            self.settle(pending.pop(uid), SettleStatus.UPSTREAM_ERROR)
+                        await queue.put(msg.SerializeToString())
+                        continue
+                    try:
+                        values = self.protect_response(msg.infer_response, prep, where="ModelStreamInfer")
+                    except Exception as e:  # noqa: BLE001
+                        self.settle(pending.pop(uid, prep), SettleStatus.UPSTREAM_ERROR)
+                        r = _as_refusal(e)
+                        await queue.put(_stream_error(msg.infer_response, f"{r.code.name}: cannot protect the "
+                                                                          f"response: {r.message}"))
+                        continue
+                    if final:
+                        self.settle(pending.pop(uid), SettleStatus.OK, values)
+                    await queue.put(msg.SerializeToString())
+            finally:
+                await queue.put(None)
+
+        sender = asyncio.create_task(pump_requests())
+        receiver = asyncio.create_task(pump_responses())
+        failure: Refusal | None = None
+        try:
+            while (item := await queue.get()) is not None:
+                yield item
+            try:
+                await receiver
+            except grpc.aio.AioRpcError as e:
+                failure = upstream_refusal(e, self.settings.upstream)
+        finally:
+            sender.cancel()
+            receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await sender
+            status = SettleStatus.UPSTREAM_ERROR if failure is not None else SettleStatus.CLIENT_ABORT
+            for prep in pending.values():
+                self.settle(prep, status)
+            call.cancel()
+        if failure is not None:
+            await context.abort(failure.code, failure.message)
+
+
+def _as_refusal(e: BaseException) -> Refusal:
+    if isinstance(e, Refusal):
+        return e
+    if isinstance(e, InvalidInput):
+        return Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if isinstance(e, DefenseFailure):
+        return Refusal(grpc.StatusCode.INTERNAL, str(e))
+    if isinstance(e, grpc.aio.AioRpcError):
+        return Refusal(e.code(), e.details() or e.code().name)
+    if isinstance(e, _DecodeError):
+        return Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid ModelInferRequest: {e}")
+    log.exception("KServe proxy failed with %s", type(e).__name__, exc_info=e)
+    return Refusal(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})")
+
+
+def _stream_error(request: Any, message: str) -> bytes:
+    resp = pb.ModelStreamInferResponse(error_message=message)
+    resp.infer_response.id = request.id
+    resp.infer_response.model_name = request.model_name
+    resp.infer_response.model_version = request.model_version
+    return resp.SerializeToString()
+
+
+def _is_final(response: Any) -> bool:
+    """Whether a stream response ends its request (decoupled models flag the last one; others send one)."""
+    p = response.parameters.get(_FINAL)
+    return True if p is None else bool(p.bool_param)
+

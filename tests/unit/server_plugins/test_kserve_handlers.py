@@ -1,0 +1,215 @@
+"""The proxy's handlers in-process, against a scripted fake Triton: status mapping, output handling, settles."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from support import defenses as support_defenses
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from defense.config import parse_config
+from defense.keys import KeyRing
+from defense.metrics import Metrics
+from defense.runtime import build_runtime
+from defense.sidecar.servicer import RuntimeHolder
+from server_plugins.kserve.proxy import KServeProxy
+from server_plugins.kserve.settings import parse_settings
+
+PROBS = np.array([[0.1, 0.2, 0.7], [0.5, 0.3, 0.2]], np.float32)
+
+
+class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self) -> None:
+        self.requests: list[pb.ModelInferRequest] = []
+        self.fail: grpc.StatusCode | None = None
+        self.respond: Callable[[pb.ModelInferRequest], pb.ModelInferResponse] = self.default
+
+    @staticmethod
+    def default(req: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        resp = pb.ModelInferResponse(model_name=req.model_name, id=req.id)
+        for name, dtype, arr in (("probs", "FP32", PROBS), ("logits", "FP32", np.log(PROBS)),
+                                 ("half", "FP16", PROBS.astype(np.float16)), ("extra", "INT32", np.ones(2, np.int32))):
+            resp.outputs.add(name=name, datatype=dtype, shape=list(arr.shape))
+            resp.raw_output_contents.append(arr.tobytes())
+        return resp
+
+    async def ModelMetadata(self, request, context):  # noqa: N802
+        meta = pb.ModelMetadataResponse(name=request.name, versions=["1"])
+        meta.inputs.add(name="x", datatype="FP32", shape=[-1, 2])
+        for name, dtype in (("probs", "FP32"), ("logits", "FP32"), ("half", "FP16"), ("extra", "INT32")):
+            meta.outputs.add(name=name, datatype=dtype, shape=[-1, -1])
+        return meta
+
+    async def ModelInfer(self, request, context):  # noqa: N802
+        self.requests.append(request)
+        if self.fail is not None:
+            await context.abort(self.fail, "scripted failure")
+        return self.respond(request)
+
+
+def x_request(rows: int = 2, **kw: Any) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name="mlp", **kw)
+    req.inputs.add(name="x", datatype="FP32", shape=[rows, 2])
+    req.raw_input_contents.append(np.arange(rows * 2, dtype=np.float32).tobytes())
+    return req
+
+
+def run(defenses: list[dict], body: Callable[..., Any], *, models: dict | None = None) -> None:
+    async def main() -> None:
+        fake = FakeTriton()
+        upstream = grpc.aio.server()
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(fake, upstream)
+        port = upstream.add_insecure_port("127.0.0.1:0")
+        await upstream.start()
+        loaded = parse_config({"version": 1, "state": {"uri": "memory://"}, "defenses": defenses})
+        holder = RuntimeHolder(build_runtime(loaded=loaded, keys=KeyRing.generate(), metrics=Metrics()))
+        settings = parse_settings({"upstream": f"127.0.0.1:{port}", "models": models or {
+            "mlp": {"probabilities": ["probs", "half"], "strip": ["logits"], "batched": False}}})
+        proxy = KServeProxy(settings, holder)
+        server = grpc.aio.server()
+        proxy.add_to_server(server)
+        pport = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{pport}") as ch:
+                stub = pb_grpc.GRPCInferenceServiceStub(ch)
+                stub.channel = ch  # for calls with raw bytes
+                await body(stub, fake)
+        finally:
+            await server.stop(0)
+            await proxy.close()
+            await upstream.stop(0)
+            holder.runtime.chain.close()
+
+    support_defenses.CALLS.clear()
+    asyncio.run(main())
+
+
+RECORDER = {"type": "support.defenses:Recorder", "params": {"tag": "rec"}}
+NOISE = {"type": "keyed_noise", "params": {"sigma": 0.5}}
+BEARER = (("authorization", "Bearer t0k3n"),)
+
+
+def test_declared_outputs_are_perturbed_in_their_own_dtype_and_the_rest_stripped():
+    async def body(stub, fake):
+        resp = await stub.ModelInfer(x_request(), metadata=BEARER)
+        names = [o.name for o in resp.outputs]
+        assert names == ["probs", "half"]  # logits (strip) and extra (undeclared) never leave
+        assert len(resp.raw_output_contents) == 2
+        probs = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(2, 3)
+        half = np.frombuffer(resp.raw_output_contents[1], np.float16).reshape(2, 3)
+        assert np.abs(probs - PROBS).max() > 1e-3
+        np.testing.assert_array_equal(probs.argmax(1), PROBS.argmax(1))
+        np.testing.assert_allclose(half.astype(np.float32), probs, atol=2e-3)  # the same noise, fp16 rounding
+        assert fake.requests[0].SerializeToString() == x_request().SerializeToString()  # forwarded untouched
+
+    run([RECORDER, NOISE], body)
+    assert ("rec", "settle ok 0") in support_defenses.CALLS
+
+
+def test_refusals_map_to_status_codes_with_retry_info():
+    async def throttled(stub, fake):
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.ModelInfer(x_request(), metadata=BEARER)
+        e = ei.value
+        assert e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "rec refuses" in e.details()
+        md = dict(e.trailing_metadata())
+        assert md["retry-after"] == "2"  # the recorder's 1.5 s, rounded up
+        info = error_details_pb2.RetryInfo()
+        status_pb2.Status.FromString(md["grpc-status-details-bin"]).details[0].Unpack(info)
+        assert info.retry_delay.ToNanoseconds() == 1_500_000_000
+        assert not fake.requests  # never reached Triton
+
+    run([{"type": "support.defenses:Recorder", "params": {"tag": "rec", "decision": "throttle"}}], throttled)
+
+    async def denied(stub, fake):
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.ModelInfer(x_request())
+        assert ei.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+    run([{"type": "support.defenses:Recorder", "params": {"tag": "rec", "decision": "deny"}}], denied)
+
+    async def rules(stub, fake):
+        req = x_request()
+        req.outputs.add(name="logits")
+        req.outputs.add(name="probs")
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.ModelInfer(req)
+        assert ei.value.code() is grpc.StatusCode.FAILED_PRECONDITION and "logits" in ei.value.details()
+
+    run([{"type": "request_rules", "params": {"raw_logits_outputs": "deny"}}], rules)
+
+
+def test_withheld_outputs_are_not_asked_of_triton():
+    async def body(stub, fake):
+        req = x_request()
+        req.outputs.add(name="logits")
+        req.outputs.add(name="probs")
+        resp = await stub.ModelInfer(req)
+        assert [o.name for o in fake.requests[0].outputs] == ["probs"]
+        assert [o.name for o in resp.outputs] == ["probs"]
+
+    run([RECORDER], body)
+
+
+def test_upstream_errors_pass_their_code_and_release_the_reservation():
+    async def body(stub, fake):
+        fake.fail = grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.ModelInfer(x_request())
+        assert ei.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "scripted failure" in ei.value.details()
+
+    run([RECORDER], body)
+    assert ("rec", "settle upstream_error 0") in support_defenses.CALLS
+
+
+def test_a_response_that_does_not_fit_the_config_is_internal_and_settled():
+    async def body(stub, fake):
+        def not_normalized(req):
+            resp = FakeTriton.default(req)
+            resp.raw_output_contents[0] = (PROBS * 3).tobytes()  # "probabilities" that sum to 3
+            return resp
+
+        fake.respond = not_normalized
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.ModelInfer(x_request())
+        assert ei.value.code() is grpc.StatusCode.INTERNAL and "sum to 1" in ei.value.details()
+
+    run([RECORDER, NOISE], body)
+    assert ("rec", "settle upstream_error 0") in support_defenses.CALLS
+
+
+def test_a_non_float_probability_output_is_a_config_error():
+    async def body(stub, fake):
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.ModelInfer(x_request())
+        assert ei.value.code() is grpc.StatusCode.INTERNAL and "Triton says it is INT32" in ei.value.details()
+
+    run([RECORDER], body, models={"mlp": {"probabilities": ["extra"]}})
+    assert not support_defenses.CALLS  # refused before admission
+
+
+def test_malformed_bytes_and_shared_memory_parameters_are_invalid_argument():
+    async def body(stub, fake):
+        req = x_request()
+        req.inputs[0].parameters["shared_memory_region"].string_param = "region0"
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.ModelInfer(req)
+        assert ei.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "shared_memory_region" in ei.value.details()
+
+    async def garbage(stub, fake):
+        call = stub.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await call(b"\xff\xff\xff")
+        assert ei.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "not a valid ModelInferRequest" in ei.value.details()
+
+    run([RECORDER], body)
+    run([RECORDER], garbage)
+    assert not support_defenses.CALLS
