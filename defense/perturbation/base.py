@@ -125,7 +125,24 @@ class Reshape(ResponseDefense):
         new, present = self.reshape(lp, batch.present, batch, ctx)
         if batch.kind is OutputKind.PROBABILITIES:
             values = np.where(present, np.exp(new), 0.0).astype(np.float32)
-            return replace(batch, values=values)
+            return replace(batch, values=values, sampled_values=sampled_after(batch, values, column_ids(batch)))
         values = np.where(present, np.minimum(new, 0.0), -np.inf).astype(np.float32)
         ids = np.where(present, batch.token_ids, -1) if batch.token_ids.shape == values.shape else batch.token_ids
-        return replace(batch, values=values, token_ids=ids)
+        return replace(batch, values=values, token_ids=ids, sampled_values=sampled_after(batch, values, ids))
+
+
+def sampled_after(batch: LogprobBatch, values: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+    """The sampled token's value consistent with reshaped alternatives (``values``/``ids``, batch units).
+
+    Among the returned alternatives: their new value. Otherwise never above the smallest returned
+    value (a token outside the top-k cannot outrank it), so the sampled token does not leak the clean value
+    of an alternative the defense moved or removed.
+    """
+    if batch.sampled_values is None or batch.sampled_token_ids is None:
+        return batch.sampled_values
+    present = ids >= 0
+    hit = (ids == batch.sampled_token_ids[:, None]) & present
+    from_row = np.where(hit, values, -np.inf).max(axis=1)
+    floor = np.where(present, values, np.inf).min(axis=1)
+    out = np.where(hit.any(axis=1), from_row, np.minimum(batch.sampled_values, floor))
+    return out.astype(np.float32)

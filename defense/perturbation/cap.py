@@ -14,7 +14,7 @@ import numpy as np
 
 from ..base import ResponseDefense
 from ..types import LogprobBatch, OutputKind, RequestContext
-from .base import as_logprobs
+from .base import as_logprobs, column_ids, sampled_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +38,13 @@ def keep_top(batch: LogprobBatch, k: int) -> LogprobBatch:
         kept = np.where(keep, batch.values.astype(np.float64), 0.0)
         total = kept.sum(axis=1, keepdims=True)
         values = np.divide(kept, total, out=np.zeros_like(kept), where=total > 0).astype(np.float32)
-        return replace(batch, values=values)
+        return replace(batch, values=values, sampled_values=sampled_after(batch, values, column_ids(batch)))
     cols = order[:, : min(k, lp.shape[1])]
     vals = np.take_along_axis(lp, cols, axis=1)
     ids = np.take_along_axis(batch.token_ids, cols, axis=1)
     ids = np.where(np.isneginf(vals) & (ids < 0), -1, ids)
-    return replace(batch, values=np.where(ids >= 0, vals, -np.inf).astype(np.float32), token_ids=ids)
+    values = np.where(ids >= 0, vals, -np.inf).astype(np.float32)
+    return replace(batch, values=values, token_ids=ids, sampled_values=sampled_after(batch, values, ids))
 
 
 class TopKCap(ResponseDefense):

@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
 from ..base import Deps
 from ..errors import InvalidInput
-from ..types import LogprobBatch, OutputKind, RequestContext
-from .base import Reshape, as_logprobs, column_ids
+from ..types import LogprobBatch, RequestContext
+from .base import Reshape, column_ids
 from .redirect import redirect
 
 log = logging.getLogger("distillguard.perturbation.targeted")
@@ -203,16 +203,3 @@ class Targeted(Reshape):
                        floor=self.params.floor)
         with np.errstate(divide="ignore"):
             return np.where(present, np.log(np.maximum(out, 1e-300)), -np.inf), present
-
-    def apply(self, batch: LogprobBatch, ctx: RequestContext) -> LogprobBatch:
-        out = super().apply(batch, ctx)
-        if out is batch or batch.sampled_values is None or batch.sampled_token_ids is None:
-            return out
-        # the sampled token's value follows its alternative when it was returned
-        hit = (column_ids(batch) == batch.sampled_token_ids[:, None]) & batch.present
-        new_vals = as_logprobs(out)
-        if batch.kind is OutputKind.PROBABILITIES:
-            new_vals = np.exp(new_vals)
-        from_row = np.where(hit, new_vals, -np.inf).max(axis=1)
-        sampled = np.where(hit.any(axis=1), from_row, batch.sampled_values).astype(np.float32)
-        return replace(out, sampled_values=sampled)

@@ -18,6 +18,7 @@ from defense.perturbation.random_noise import RandomNoise, RandomNoiseParams
 from defense.perturbation.reverse_sigmoid import ReverseSigmoid, ReverseSigmoidParams
 from defense.perturbation.temperature import Temperature, TemperatureParams
 from defense.perturbation.top1 import Top1Only
+from defense.types import LogprobBatch
 
 DEPS = Deps(keys=KeyRing.generate())
 ALL = {
@@ -114,3 +115,21 @@ def test_random_noise_differs_per_request_keyed_does_not():
 def test_params_validated(cls, kw, msg):
     with pytest.raises(ValueError, match=msg):
         cls(**kw)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_sampled_token_value_never_leaks_a_clean_value(name):
+    z = np.random.default_rng(9).normal(size=(30, 40)) * 2
+    b = topk_batch(z, 6)
+    lp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    sampled = np.where(np.arange(30) % 2 == 0, b.token_ids[:, 2], 39)  # half inside the top-k, half outside
+    b = LogprobBatch(values=b.values, token_ids=b.token_ids, sampled_token_ids=sampled,
+                     sampled_values=lp[np.arange(30), sampled].astype(np.float32))
+    out = ALL[name].apply(b, ctx())
+    for row in range(30):
+        ret = out.token_ids[row] >= 0
+        hit = np.flatnonzero((out.token_ids[row] == sampled[row]) & ret)
+        if hit.size:
+            assert out.sampled_values[row] == out.values[row, hit[0]]
+        else:
+            assert out.sampled_values[row] <= out.values[row][ret].min() + 1e-7
