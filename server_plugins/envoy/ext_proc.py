@@ -1,0 +1,176 @@
+"""Envoy External Processing (ext_proc v3) server for OpenAI-compatible engines, hosted by the sidecar.
+
+One gRPC stream per HTTP request; each message is translated to a call on the shared front logic
+(``server_plugins.openai.Exchange``), which decides. The filter config this expects (examples/envoy.yaml):
+request headers SEND and body BUFFERED, response headers SEND and body BUFFERED, trailers SKIP, and
+``allow_mode_override: true``, which lets the server switch a streamed (SSE) answer to STREAMED and turn
+processing off for passed paths and upstream errors, so they cost no more messages.
+
+- a refusal is an ``immediate_response`` (400/403/404/413/429 with OpenAI's error body);
+- the rewritten request body and its content-length go back in the request body response;
+- the response's content-length is removed (the body changes size; Envoy re-chunks it);
+- a stream that ends before the response did (the client went away, Envoy reset it) settles as
+  CLIENT_ABORT in ``finally``, and an upstream error (non-2xx) settles at once as UPSTREAM_ERROR.
+
+The chain runs in this process, on the event loop, as the sidecar's own RPCs do: no second hop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from defense.runtime import Runtime
+from defense.types import SettleStatus
+from server_plugins.openai import Exchange, Forward, Guard, Reply, ResponsePlan, error_reply
+
+from ._proto import ext_proc_pb2 as pb
+
+log = logging.getLogger("distillguard.envoy")
+
+SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+Mode = pb.ProcessingMode
+
+# a passed request: no body to Envoy's server, no response messages at all
+_PASS_ALL = pb.ProcessingMode(request_body_mode=Mode.NONE, response_header_mode=Mode.SKIP,
+                              response_body_mode=Mode.NONE, request_trailer_mode=Mode.SKIP,
+                              response_trailer_mode=Mode.SKIP)
+_NO_BODY = pb.ProcessingMode(response_body_mode=Mode.NONE, response_trailer_mode=Mode.SKIP)
+_STREAMED = pb.ProcessingMode(response_body_mode=Mode.STREAMED, response_trailer_mode=Mode.SKIP)
+
+
+def headers_of(m: pb.HeaderMap) -> dict[str, str]:
+    """Lower-case name -> value; a repeated header joined with ','. Envoy 1.40 fills raw_value."""
+    out: dict[str, str] = {}
+    for h in m.headers:
+        k = h.key.lower()
+        v = h.raw_value.decode("latin-1") if h.raw_value else h.value
+        out[k] = f"{out[k]},{v}" if k in out else v
+    return out
+
+
+def _mutation(set_headers: tuple[tuple[str, str], ...], remove: tuple[str, ...]) -> pb.HeaderMutation:
+    over = pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    return pb.HeaderMutation(
+        set_headers=[pb.HeaderValueOption(header=pb.HeaderValue(key=k, raw_value=v.encode("latin-1")),
+                                          append_action=over) for k, v in set_headers],
+        remove_headers=list(remove))
+
+
+def immediate(reply: Reply, details: str = "distillguard") -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=pb.HttpStatus(code=reply.status), headers=_mutation(reply.headers, ()), body=reply.body,
+        details=details))
+
+
+def _body(data: bytes, *, set_headers: tuple[tuple[str, str], ...] = (), remove: tuple[str, ...] = ()) -> pb.BodyResponse:
+    mutation = pb.BodyMutation(body=data) if data else pb.BodyMutation(clear_body=True)
+    common = pb.CommonResponse(body_mutation=mutation)
+    if set_headers or remove:
+        common.header_mutation.CopyFrom(_mutation(set_headers, remove))
+    return pb.BodyResponse(response=common)
+
+
+class ExtProcServicer:
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    async def process(self, requests: AsyncIterator[pb.ProcessingRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+        ex: Exchange | None = None
+        plan: ResponsePlan | None = None
+        body = bytearray()
+        try:
+            async for msg in requests:
+                which = msg.WhichOneof("request")
+                if which == "request_headers":
+                    h = headers_of(msg.request_headers.headers)
+                    ex = self.guard.start(h.get(":method", ""), h.get(":path", "/"), h)
+                    if ex.action == "pass":
+                        yield pb.ProcessingResponse(request_headers=pb.HeadersResponse(), mode_override=_PASS_ALL)
+                    elif ex.action == "reply":
+                        yield immediate(ex.reply)  # type: ignore[arg-type]
+                    elif msg.request_headers.end_of_stream:
+                        yield immediate(error_reply(400, "the request has no body; send a JSON object", code="no_body"))
+                    else:
+                        yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+                elif which == "request_body":
+                    if ex is None or ex.action != "guard":
+                        yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+                        continue
+                    body += msg.request_body.body
+                    if not msg.request_body.end_of_stream:
+                        # BUFFERED delivers the whole body in one message; a partial one means the body was
+                        # over Envoy's buffer limit (BUFFERED_PARTIAL) or the filter is misconfigured
+                        yield immediate(error_reply(413, "the request body is too large to check",
+                                                    code="request_too_large"))
+                        continue
+                    out = ex.request(bytes(body))
+                    if isinstance(out, Forward):
+                        yield pb.ProcessingResponse(request_body=_body(out.body, set_headers=out.set_headers,
+                                                                       remove=out.remove_headers))
+                    else:
+                        yield immediate(out)
+                elif which == "response_headers":
+                    h = headers_of(msg.response_headers.headers)
+                    if ex is None:
+                        yield pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=_NO_BODY)
+                        continue
+                    try:
+                        status = int(h.get(":status", "0"))
+                    except ValueError:
+                        status = 0
+                    plan = ex.response_start(status, h)
+                    resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+                    if plan.set_headers or plan.remove_headers:
+                        resp.response_headers.response.header_mutation.CopyFrom(
+                            _mutation(plan.set_headers, plan.remove_headers))
+                    if plan.mode == "pass" or msg.response_headers.end_of_stream:
+                        resp.mode_override.CopyFrom(_NO_BODY)
+                        if msg.response_headers.end_of_stream and plan.mode != "pass":
+                            ex.finish(SettleStatus.OK)  # a 2xx without a body: nothing returned to protect
+                    elif plan.mode == "stream":
+                        resp.mode_override.CopyFrom(_STREAMED)
+                    yield resp
+                elif which == "response_body":
+                    rb = msg.response_body
+                    if ex is None or plan is None or plan.mode == "pass":
+                        yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+                    elif plan.mode == "stream":
+                        yield pb.ProcessingResponse(response_body=_body(ex.response_chunk(rb.body, rb.end_of_stream)))
+                    else:
+                        result = ex.response_body(rb.body)
+                        if isinstance(result, Reply):
+                            yield immediate(result, "distillguard_unprotected_response")
+                        else:
+                            yield pb.ProcessingResponse(response_body=_body(result))
+                    if ex is not None and ex.complete:
+                        # grpc resumes this generator once the answer above is written to Envoy: the settle
+                        # (a budget store write) happens while the client already gets its body
+                        ex.finish()
+                elif which == "request_trailers":
+                    yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+                elif which == "response_trailers":
+                    yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+                else:  # a message kind this subset does not know: answering nothing would stall Envoy
+                    log.warning("ext_proc: unexpected message %r; failing the stream", which)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected ext_proc message {which!r}")
+        finally:
+            # the stream ended: Envoy finished, or the client or Envoy reset it mid-way (grpc cancels us)
+            if ex is not None and not ex.settled:
+                ex.finish(SettleStatus.CLIENT_ABORT if ex.status else SettleStatus.UPSTREAM_ERROR)
+
+
+def ext_proc_handler(runtime: Callable[[], Runtime]) -> grpc.GenericRpcHandler:
+    servicer = ExtProcServicer(Guard(runtime))
+    method = grpc.stream_stream_rpc_method_handler(servicer.process,
+                                                   request_deserializer=pb.ProcessingRequest.FromString,
+                                                   response_serializer=pb.ProcessingResponse.SerializeToString)
+    return grpc.method_handlers_generic_handler(SERVICE, {"Process": method})
+
+
+def add_ext_proc(server: grpc.aio.Server, runtime: Callable[[], Runtime]) -> None:
+    """Serve Envoy's ExternalProcessor on ``server``, deciding with the live ``runtime()`` of each request."""
+    server.add_generic_rpc_handlers((ext_proc_handler(runtime),))

@@ -1,0 +1,228 @@
+"""Returned logprobs in OpenAI JSON <-> the packed [positions x k] arrays Protect takes.
+
+Completions carry ``logprobs: {tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}``;
+chat carries ``logprobs: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}``.
+Both name tokens by their text, not their id: a front without the tokenizer keys the noise by a stable
+64-bit hash of the token text (or the id itself for vLLM's ``token_id:N`` form), which is as repeat-stable
+as the id. Two ids that decode to the same text get distinct keys by their order in the position.
+
+The JSON is a list of Python objects per position, so reading and writing it loops per position; the
+perturbation itself runs vectorized on the arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from defense.types import Api
+
+JSON_NEG_INF = -9999.0  # JSON has no -infinity; vLLM writes a probability of 0 as -9999.0
+_MASK63 = (1 << 63) - 1
+_ids: dict[str, int] = {}
+
+
+class UpstreamFormatError(ValueError):
+    """The engine's logprobs are not in the shape the API defines: the front refuses to pass them unprotected."""
+
+
+def token_key(token: str) -> int:
+    """A stable non-negative int64 for a token's text: the id of vLLM's ``token_id:N`` form, else a hash."""
+    v = _ids.get(token)
+    if v is None:
+        if token.startswith("token_id:") and token[9:].isdigit():
+            v = int(token[9:])
+        else:
+            v = int.from_bytes(hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                               "little") & _MASK63
+        if len(_ids) > 200_000:  # vocabularies are ~10^5 tokens; bound the cache against odd inputs
+            _ids.clear()
+        _ids[token] = v
+    return v
+
+
+def _unique(keys: list[int], texts: list[str]) -> list[int]:
+    """Keys for one position's alternatives; two with the same text key apart by their rank too."""
+    if len(set(keys)) == len(keys):
+        return keys
+    seen: set[int] = set()
+    out = []
+    for j, (k, t) in enumerate(zip(keys, texts, strict=True)):
+        if k in seen:
+            k = token_key(f"{t}\x00{j}")
+        seen.add(k)
+        out.append(k)
+    return out
+
+
+_NUMBER_TYPES = frozenset({float, int})
+
+
+def _numbers(vs: list[Any], where: str) -> list[Any]:
+    # exact types: a JSON true is not a logprob, nor is a string that numpy would happily convert
+    if not {type(v) for v in vs} <= _NUMBER_TYPES:
+        bad = next(v for v in vs if type(v) not in _NUMBER_TYPES)
+        raise UpstreamFormatError(f"{where}: expected a number, got {type(bad).__name__}")
+    return vs
+
+
+def _keys(texts: list[str]) -> list[int]:
+    get = _ids.get
+    out = [get(t) for t in texts]
+    if None in out:
+        out = [token_key(t) for t in texts]
+    return out  # type: ignore[return-value]
+
+
+@dataclass(slots=True)
+class Positions:
+    """One choice's returned logprobs (a whole body, or one streamed chunk's share)."""
+
+    values: np.ndarray  # [P, K] float32; missing slots 0
+    token_ids: np.ndarray  # [P, K] int64; -1 marks a missing alternative
+    sampled_ids: np.ndarray  # [P] int64; -1 where the sampled token's value was not returned
+    sampled_values: np.ndarray  # [P] float32; -inf where unknown
+    doc: dict[str, Any]  # the choice's logprobs object, written back in place
+    api: Api
+
+    @property
+    def n_positions(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def disclosed(self) -> int:
+        """Logprob values the client receives: the returned alternatives."""
+        return int((self.token_ids >= 0).sum())
+
+
+def _pack(lens: list[int], ids: list[int], vals: list[Any], sid: list[int], sval: list[Any], doc: dict[str, Any],
+          api: Api) -> Positions:
+    """Arrays from flat lists: ``lens[i]`` alternatives of position i, in order, in ``ids`` and ``vals``."""
+    p = len(lens)
+    k = max(lens, default=0)
+    if k == 0:  # no alternatives asked (logprobs=0): the sampled token is each position's only one
+        lens = [1 if s >= 0 else 0 for s in sid]
+        ids = [s for s in sid if s >= 0]
+        vals = [v for s, v in zip(sid, sval, strict=True) if s >= 0]
+        k = 1 if ids else 0
+    if k and len(ids) == p * k:  # the usual case, every position with k alternatives: no padding
+        values = np.array(vals, dtype=np.float32).reshape(p, k)
+        token_ids = np.array(ids, dtype=np.int64).reshape(p, k)
+    else:
+        k = max(k, 1)
+        values = np.zeros((p, k), dtype=np.float32)
+        token_ids = np.full((p, k), -1, dtype=np.int64)
+        n = np.asarray(lens, dtype=np.int64)
+        rows = np.repeat(np.arange(p), n)
+        cols = np.arange(len(ids)) - np.repeat(np.cumsum(n) - n, n)
+        token_ids[rows, cols] = ids
+        values[rows, cols] = vals
+    return Positions(values, token_ids, np.array(sid, dtype=np.int64).reshape(p),
+                     np.array(sval, dtype=np.float32).reshape(p), doc, api)
+
+
+def read_completion(doc: dict[str, Any]) -> Positions:
+    tokens = doc.get("tokens") or []
+    sampled_lp = doc.get("token_logprobs") or []
+    tops = doc.get("top_logprobs") or []
+    if not isinstance(tokens, list) or not isinstance(sampled_lp, list) or not isinstance(tops, list):
+        raise UpstreamFormatError("completion logprobs: tokens, token_logprobs and top_logprobs must be lists")
+    if not all(type(t) is str for t in tokens):
+        raise UpstreamFormatError("completion logprobs: tokens must be strings")
+    p = max(len(tokens), len(tops))
+    rows = tops + [None] * (p - len(tops))
+    if not all(d is None or type(d) is dict for d in rows):
+        raise UpstreamFormatError("completion logprobs: each top_logprobs entry must be an object or null")
+    lens = [len(d) if d else 0 for d in rows]
+    # an object's keys are distinct texts, so distinct keys: no de-duplication needed here
+    ids = _keys([t for d in rows if d for t in d])
+    vals = _numbers([v for d in rows if d for v in d.values()], "top_logprobs")
+    if len(tokens) == p == len(sampled_lp) and None not in sampled_lp:
+        sid, sval = _keys(tokens), _numbers(sampled_lp, "token_logprobs")
+    else:  # echoed prompt tokens (the first has no logprob) or ragged lists
+        sid, sval = [], []
+        for i in range(p):
+            t = tokens[i] if i < len(tokens) else None
+            v = sampled_lp[i] if i < len(sampled_lp) else None
+            if t is not None and v is not None:
+                sid.append(token_key(t))
+                sval.append(_numbers([v], f"token_logprobs[{i}]")[0])
+            else:
+                sid.append(-1)
+                sval.append(-np.inf)
+    return _pack(lens, ids, vals, sid, sval, doc, Api.OPENAI_COMPLETIONS)
+
+
+def read_chat(doc: dict[str, Any]) -> Positions:
+    content = doc.get("content") or []
+    if not isinstance(content, list):
+        raise UpstreamFormatError("chat logprobs: content must be a list")
+    lens: list[int] = []
+    ids: list[int] = []
+    texts_all: list[str] = []
+    alts_all: list[Any] = []
+    for i, entry in enumerate(content):
+        if type(entry) is not dict or type(entry.get("token")) is not str:
+            raise UpstreamFormatError(f"chat logprobs: content[{i}] must be an object with a string token")
+        alts = entry.get("top_logprobs") or []
+        if type(alts) is not list or not all(type(a) is dict and type(a.get("token")) is str for a in alts):
+            raise UpstreamFormatError(f"chat logprobs: content[{i}].top_logprobs must be a list of objects "
+                                      f"with a string token")
+        texts = [a["token"] for a in alts]
+        ids += _unique(_keys(texts), texts)  # one text can stand for two ids (byte fallback)
+        lens.append(len(alts))
+        texts_all.append(entry["token"])
+        alts_all += alts
+    vals = _numbers([a.get("logprob") for a in alts_all], "content[].top_logprobs")
+    sval = _numbers([e.get("logprob") for e in content], "content[].logprob")
+    return _pack(lens, ids, vals, _keys(texts_all), sval, doc, Api.OPENAI_CHAT)
+
+
+def read(api: Api, doc: Any) -> Positions | None:
+    """The positions in a choice's ``logprobs`` object; None when it has none."""
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise UpstreamFormatError("logprobs must be an object or null")
+    if api is Api.OPENAI_CHAT:
+        if doc.get("refusal"):  # never produced by vLLM; dropped rather than passed unprotected
+            doc["refusal"] = None
+        pos = read_chat(doc)
+    else:
+        pos = read_completion(doc)
+    # nothing returned to perturb (only echoed prompt tokens without logprobs): nothing to protect
+    return pos if pos.n_positions and (pos.token_ids >= 0).any() else None
+
+
+def _json_floats(a: np.ndarray) -> list[Any]:
+    """float32 values as short JSON numbers: 7 decimals (float32 holds about 7 significant digits, so nothing
+    is lost), which also keeps the encoder off 17-digit reprs; -inf (probability 0) as vLLM's -9999.0."""
+    return np.round(np.maximum(a.astype(np.float64), JSON_NEG_INF), 7).tolist()
+
+
+def write(pos: Positions, values: np.ndarray, sampled_values: np.ndarray | None) -> None:
+    """Write protected values back into the JSON, in place: same tokens, same order, new numbers."""
+    vals = _json_floats(values)
+    sv = _json_floats(sampled_values) if sampled_values is not None else None
+    doc = pos.doc
+    if pos.api is Api.OPENAI_CHAT:
+        for i, entry in enumerate(doc.get("content") or []):
+            if sv is not None:
+                entry["logprob"] = sv[i]
+            row = vals[i]
+            for j, a in enumerate(entry.get("top_logprobs") or []):
+                a["logprob"] = row[j]
+        return
+    tops = doc.get("top_logprobs") or []
+    for i, d in enumerate(tops):
+        if d:
+            tops[i] = dict(zip(d, vals[i], strict=False))
+    if sv is not None:
+        known = (pos.sampled_ids >= 0).tolist()
+        lps = doc.get("token_logprobs") or []
+        for i in range(min(len(lps), len(known))):
+            if known[i]:
+                lps[i] = sv[i]

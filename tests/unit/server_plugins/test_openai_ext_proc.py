@@ -1,0 +1,126 @@
+"""The ext_proc servicer driven with Envoy's messages directly: what it answers to each, and when it settles."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from support import defenses as recorder
+from support.openai_answers import AUTH, completion_answer, completion_stream, make_runtime, req
+
+from defense.types import SettleStatus
+from server_plugins.envoy._proto import ext_proc_pb2 as pb
+from server_plugins.envoy.ext_proc import ExtProcServicer, headers_of
+from server_plugins.openai import Guard
+
+Mode = pb.ProcessingMode
+
+
+def hmap(**h: str) -> pb.HeaderMap:
+    return pb.HeaderMap(headers=[pb.HeaderValue(key=k.replace("_", "-").replace("pseudo-", ":"),
+                                                raw_value=v.encode()) for k, v in h.items()])
+
+
+def request_headers(method="POST", path="/v1/completions", end=False, **extra):
+    h = hmap(pseudo_method=method, pseudo_path=path, authorization=AUTH["authorization"], **extra)
+    return pb.ProcessingRequest(request_headers=pb.HttpHeaders(headers=h, end_of_stream=end))
+
+
+def request_body(data: bytes):
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=data, end_of_stream=True))
+
+
+def response_headers(status="200", ctype="application/json"):
+    return pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=hmap(pseudo_status=status,
+                                                                             content_type=ctype)))
+
+
+def response_body(data: bytes, end=True):
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=data, end_of_stream=end))
+
+
+class Ctx:
+    async def abort(self, code, details):
+        raise RuntimeError(f"{code}: {details}")
+
+
+def run(rt, messages):
+    servicer = ExtProcServicer(Guard(rt))
+
+    async def go():
+        async def stream():
+            for m in messages:
+                yield m
+
+        return [r async for r in servicer.process(stream(), Ctx())]
+
+    return asyncio.run(go())
+
+
+def test_headers_are_read_from_raw_values():
+    assert headers_of(hmap(a="1", b="2")) == {"a": "1", "b": "2"}
+    m = pb.HeaderMap(headers=[pb.HeaderValue(key="X", value="old"), pb.HeaderValue(key="x", raw_value=b"new")])
+    assert headers_of(m) == {"x": "old,new"}
+
+
+def test_a_passed_path_turns_processing_off():
+    (r,) = run(make_runtime(), [request_headers("GET", "/v1/models", end=True)])
+    assert r.WhichOneof("response") == "request_headers"
+    assert r.mode_override.response_header_mode == Mode.SKIP and r.mode_override.request_body_mode == Mode.NONE
+
+
+def test_refusals_are_immediate_responses():
+    (r,) = run(make_runtime(), [request_headers(path="/v1/responses")])
+    assert r.immediate_response.status.code == 404
+    assert json.loads(r.immediate_response.body)["error"]["code"] == "unknown_path"
+    (r,) = run(make_runtime(), [request_headers(end=True)])
+    assert r.immediate_response.status.code == 400
+    _, r = run(make_runtime(), [request_headers(), request_body(b"{oops")])
+    assert r.immediate_response.status.code == 400
+
+
+def test_a_buffered_exchange():
+    answer = json.dumps(completion_answer()).encode()
+    rs = run(make_runtime(), [request_headers(), request_body(req()), response_headers(), response_body(answer)])
+    assert [r.WhichOneof("response") for r in rs] == ["request_headers", "request_body", "response_headers",
+                                                      "response_body"]
+    body = rs[1].request_body.response
+    sent = {h.header.key: h.header.raw_value.decode() for h in body.header_mutation.set_headers}
+    assert sent["content-length"] == str(len(body.body_mutation.body))
+    assert "dg_sig" in json.loads(body.body_mutation.body)["vllm_xargs"]
+    assert list(rs[2].response_headers.response.header_mutation.remove_headers) == ["content-length"]
+    assert not rs[2].HasField("mode_override")  # stays BUFFERED
+    out = json.loads(rs[3].response_body.response.body_mutation.body)
+    assert out["choices"][0]["logprobs"] != completion_answer()["choices"][0]["logprobs"]
+
+
+def test_an_sse_answer_switches_to_streamed():
+    stream = completion_stream()
+    half = len(stream) // 2
+    rs = run(make_runtime(), [request_headers(), request_body(req(stream=True)),
+                              response_headers(ctype="text/event-stream"),
+                              response_body(stream[:half], end=False), response_body(stream[half:], end=True)])
+    assert rs[2].mode_override.response_body_mode == Mode.STREAMED
+    out = b"".join(r.response_body.response.body_mutation.body for r in rs[3:])
+    assert out.endswith(b"data: [DONE]\n\n") and out.count(b"top_logprobs") == 8
+
+
+def _recorder_runtime():
+    recorder.CALLS.clear()
+    return make_runtime({"type": "support.defenses:Recorder", "params": {"tag": "b"}}, {"type": "keyed_noise"})
+
+
+def test_upstream_error_stops_processing_and_settles():
+    rs = run(_recorder_runtime(), [request_headers(), request_body(req()), response_headers(status="500")])
+    assert rs[2].mode_override.response_body_mode == Mode.NONE
+    assert [e for _, e in recorder.CALLS if e.startswith("settle")] == ["settle upstream_error 0"]
+
+
+def test_a_stream_that_ends_early_settles_as_client_abort():
+    stream = completion_stream()
+    run(_recorder_runtime(), [request_headers(), request_body(req(stream=True)),
+                              response_headers(ctype="text/event-stream"), response_body(stream[:300], end=False)])
+    (event,) = [e for _, e in recorder.CALLS if e.startswith("settle")]
+    assert event.startswith(f"settle {SettleStatus.CLIENT_ABORT.value}")
+    run(_recorder_runtime(), [request_headers(), request_body(req())])  # no answer at all
+    assert [e for _, e in recorder.CALLS if e.startswith("settle")] == ["settle upstream_error 0"]
