@@ -262,11 +262,15 @@ class DefenseChain:
         shadow = False
         reservation = ""
         refusal: tuple[str, Verdict] | None = None
+        cost: Cost | None = None
+        costed: RequestContext | None = None
         for idx, e in self.admission:
             d: AdmissionDefense = e.defense  # type: ignore[assignment]
             t0 = self.clock.monotonic()
+            if cost is None or ctx is not costed:  # once per Admit unless a rewrite changed the request
+                cost, costed = self.estimate(ctx), ctx
             try:
-                verdict = d.admit(ctx, self.estimate(ctx))
+                verdict = d.admit(ctx, cost)
             except InvalidInput:
                 self._release(ctx, admitted)
                 raise

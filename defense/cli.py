@@ -1,6 +1,6 @@
 """The ``distillguard`` command.
 
-Built-in: ``config check|show``, ``keys new|rotate|list``, ``demo``, ``version``. Other packages add
+Built-in: ``config check|show``, ``keys new|rotate|list``, ``serve``, ``demo``, ``detect``, ``version``. Other packages add
 subcommands through the ``distillguard.commands`` entry point group: each entry point names a function
 ``register(subparsers)`` that adds its parsers and sets ``func`` (returning an exit code).
 """
@@ -103,6 +103,69 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.config, as_json=args.json, in_process=args.in_process)
 
 
+def _budget_show(args: argparse.Namespace) -> int:
+    """GetBudget on the running sidecar, with the admin token from DISTILLGUARD_ADMIN_TOKEN."""
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from .settings import read_environment
+    from .sidecar._proto.distillguard.v1 import defense_pb2 as pb
+    from .sidecar._proto.distillguard.v1 import defense_pb2_grpc as pb_grpc
+
+    env = read_environment()
+    target, token, loaded = args.target, env.admin_token, None
+    if target is None or args.from_token or token is None:
+        from .config import load_config
+
+        path = args.config or env.config_path
+        if path:
+            loaded = load_config(path)
+        elif target is None:
+            raise ConfigError("give --target ADDR (unix:/path.sock or host:port), --config FILE, or set DISTILLGUARD_CONFIG")
+    if target is None:
+        listen = loaded.config.server.listen  # type: ignore[union-attr]
+        target = next((a for a in listen if a.startswith("unix:")), listen[0])
+    if token is None and loaded is not None:
+        from .sidecar.server import admin_token
+
+        token = admin_token(loaded.config.server)
+    client_id = args.client
+    if args.from_token:  # CLIENT is "-": hash the API key read from stdin, as a front would
+        from .identity import client_id_from_token
+        from .runtime import load_keys
+
+        if loaded is None:
+            raise ConfigError("--from-token needs the key file: give --config FILE or set DISTILLGUARD_CONFIG")
+        raw = sys.stdin.readline().strip()
+        if not raw:
+            raise ConfigError("--from-token: no API key on stdin")
+        client_id = client_id_from_token(raw, load_keys(loaded))  # type: ignore[arg-type]
+    md = (("authorization", f"Bearer {token}"),) if token else None
+    req = pb.GetBudgetRequest(client_id=client_id, tenant=args.tenant, model=args.model)
+    with grpc.insecure_channel(target) as ch:
+        try:
+            resp = pb_grpc.DefenseServiceStub(ch).GetBudget(req, timeout=args.timeout, metadata=md)
+        except grpc.RpcError as e:
+            hint = " (set DISTILLGUARD_ADMIN_TOKEN)" if e.code() is grpc.StatusCode.UNAUTHENTICATED else ""
+            print(f"error: GetBudget at {target}: {e.code().name}: {e.details()}{hint}", file=sys.stderr)
+            return 1
+    if args.json:
+        doc = MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        print_json({"client_id": client_id, "tenant": args.tenant or "default", **doc})
+        return 0
+    print(f"client {client_id}  tenant {args.tenant or 'default'}  tier {resp.tier}")
+    print(f"suspicion {resp.suspicion_score:.3f}  strength x{resp.strength:.2f}")
+    if resp.signals:
+        print("signals   " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(resp.signals.items())))
+    rows = [("limit", "unit", "scope", "used", "reserved", "remaining", "of", "reset_s")]
+    rows += [(lim.name + (" (shadow)" if lim.shadow else ""), lim.unit, lim.scope, str(lim.used), str(lim.reserved),
+              str(lim.remaining), str(lim.limit), f"{lim.reset_in_s:.1f}") for lim in resp.limits]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distillguard", description="Defenses against model distillation.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -142,6 +205,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true", help="run the requests through the chain in this process")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     p.set_defaults(func=_demo)
+
+    from .watermark.cli import register as register_detect  # light: imports nothing until it runs
+
+    register_detect(sub)
+
+    budget = sub.add_parser("budget", help="read budgets from the running sidecar").add_subparsers(dest="action",
+                                                                                                   required=True)
+    p = budget.add_parser("show", help="a client's limits, suspicion signals and strength (GetBudget; admin token "
+                                       "from DISTILLGUARD_ADMIN_TOKEN)")
+    p.add_argument("client", metavar="CLIENT", help="client id as a front sends it (the keyed hash, c_...); "
+                                                    "'-' with --from-token reads the API key from stdin")
+    p.add_argument("--tenant", default="", help="tenant (default: 'default')")
+    p.add_argument("--model", default="", help="served model (default: the limits for every model)")
+    p.add_argument("--target", help="sidecar address (default: the config's first unix: listen address)")
+    p.add_argument("--config", help="config file (default: DISTILLGUARD_CONFIG)")
+    p.add_argument("--from-token", action="store_true", help="hash the API key on stdin with the key file")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_budget_show)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=_version)

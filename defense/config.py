@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .registry import Registry, default_registry
 from .schema import from_mapping, join
 from .settings import read_environment
+from .types import LogprobsMode
 
 DEFAULT_STATE_URI = "sqlite:////var/lib/distillguard/state.db"
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # a config is text a person wrote; anything larger is a mistake
@@ -96,6 +97,8 @@ class KeySettings:
 class IdentitySettings:
     tenant_header: str = "x-distillguard-tenant"
     default_tenant: str = "default"
+    # HTTP fronts: the client id is the keyed hash of this header's value ("authorization": of the Bearer token)
+    client_header: str = "authorization"
     chars_per_token: float = 4.0  # a front without a tokenizer reserves ceil(chars / 4) prompt tokens
     default_max_tokens: int = 256  # reserved when a request does not say
 
@@ -104,6 +107,8 @@ class IdentitySettings:
             raise ValueError(f"chars_per_token must be > 0, got {self.chars_per_token}")
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        if not self.client_header or not self.tenant_header:
+            raise ValueError("client_header and tenant_header must not be empty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +118,31 @@ class ProfileSettings:
     def __post_init__(self) -> None:
         if self.ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {self.ttl_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class FrontSettings:
+    """The OpenAI-compatible HTTP fronts: Envoy's ext_proc (served by the sidecar) and the ASGI middleware."""
+
+    envoy_ext_proc: bool = False  # serve envoy.service.ext_proc.v3.ExternalProcessor on server.listen
+    # what the engine returns: raw (before temperature and logits processors; vLLM's default) | processed
+    engine_logprobs_mode: LogprobsMode = LogprobsMode.RAW
+    # a path that is neither guarded (/v1/completions, /v1/chat/completions) nor in pass_paths: refuse (404)
+    # closes side doors such as /v1/responses or /invocations; pass forwards it untouched
+    unknown_paths: Literal["refuse", "pass"] = "refuse"
+    pass_paths: tuple[str, ...] = ("/v1/models", "/health", "/version", "/ping")
+    max_body_bytes: int = 1 << 20  # a request body above this is refused (413) before it is parsed
+    client_xargs: tuple[str, ...] = ()  # vllm_xargs keys a client may set; every other one is stripped
+
+    def __post_init__(self) -> None:
+        if not 1024 <= self.max_body_bytes <= 1 << 30:
+            raise ValueError(f"max_body_bytes must be in 1024..{1 << 30}, got {self.max_body_bytes}")
+        for p in self.pass_paths:
+            if not p.startswith("/"):
+                raise ValueError(f"pass_paths entries are absolute paths starting with '/', got {p!r}")
+        for k in self.client_xargs:
+            if k.startswith("dg_"):
+                raise ValueError(f"client_xargs cannot include {k!r}: dg_* keys carry the signed profile")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +162,7 @@ class Config:
     keys: KeySettings = KeySettings()
     identity: IdentitySettings = IdentitySettings()
     profile: ProfileSettings = ProfileSettings()
+    front: FrontSettings = FrontSettings()
     defenses: tuple[DefenseSpec, ...] = ()
 
     def __post_init__(self) -> None:

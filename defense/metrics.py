@@ -71,6 +71,20 @@ class Metrics:
             PREFIX + "state_store_fallback", "1 while the shared store is down and local limits are in force.",
             ["backend"], registry=r,
         )
+        self.store_events = Counter(
+            PREFIX + "state_store_events_total",
+            "Budget store events: leases, expired reservations, settles of unknown or repeated requests, "
+            "decisions taken while the shared store was down.", ["backend", "event"], registry=r,
+        )
+        self.budget_events = Counter(
+            PREFIX + "budget_events_total",
+            "Budget defense events (too-large requests, shadow limits exceeded, unknown tiers, clients flagged).",
+            ["defense", "event"], registry=r,
+        )
+        self.suspicious_clients = Gauge(
+            PREFIX + "suspicious_clients", "Clients whose suspicion score is at or above the flag (per process).",
+            ["defense"], registry=r,
+        )
 
     def set_config(self, sha256: str) -> None:
         self.config_info.clear()

@@ -6,8 +6,9 @@ Malformed messages raise InvalidInput, which the servicer maps to INVALID_ARGUME
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from ..types import (
     Api,
     ChatMessage,
     Decision,
+    Detection,
     LogprobBatch,
     LogprobsMode,
     OutputKind,
@@ -29,6 +31,9 @@ from ..types import (
     Usage,
 )
 from ._proto.distillguard.v1 import defense_pb2 as pb
+
+if TYPE_CHECKING:
+    from ..throttle.budget import BudgetStatus
 
 MAX_VALUES = 4_000_000  # positions x k; far beyond any real response (128k positions x 20 is 2.6 M)
 MAX_PROMPT_CHARS = 8_000_000
@@ -307,3 +312,47 @@ def settle_request(ctx: RequestContext, usage: Usage, *, reservation_id: str = "
     msg.usage.completion_tokens = usage.completion_tokens
     msg.usage.logprob_values = usage.logprob_values
     return msg
+
+
+# -- detect ---------------------------------------------------------------------------------------
+MAX_DETECT_TOKENS = 10_000_000  # a 10^6-token radioactivity test fits ten times over
+
+
+def sequences_from_detect(msg: pb.DetectRequest) -> list[np.ndarray]:
+    if not msg.sequences:
+        raise InvalidInput("sequences is empty: send at least one token sequence")
+    total = sum(len(s.token_ids) for s in msg.sequences)
+    if total > MAX_DETECT_TOKENS:
+        raise InvalidInput(f"{total} token ids is more than one Detect takes ({MAX_DETECT_TOKENS})")
+    return [np.asarray(s.token_ids, dtype=np.int64) for s in msg.sequences]
+
+
+def detection_to_pb(d: Detection, out: pb.Detection) -> None:
+    out.key_id, out.tokens_scored, out.z, out.log10_p = d.key_id, d.tokens_scored, d.z, d.log10_p
+    out.detected, out.scheme = d.detected, d.scheme
+
+
+def detect_response(results: Sequence[Detection], combined: Detection) -> pb.DetectResponse:
+    out = pb.DetectResponse()
+    for d in results:
+        detection_to_pb(d, out.results.add())
+    detection_to_pb(combined, out.combined)
+    return out
+
+
+# -- budget ---------------------------------------------------------------------------------------
+def budget_query(msg: pb.GetBudgetRequest) -> tuple[str, str]:
+    if not msg.client_id:
+        raise InvalidInput("client_id is required (the keyed hash a front sends as identity.client_id)")
+    if len(msg.client_id) > 256 or len(msg.tenant) > 256:
+        raise InvalidInput("client_id and tenant are at most 256 characters")
+    return msg.client_id, msg.tenant or "default"
+
+
+def budget_response(status: BudgetStatus) -> pb.GetBudgetResponse:
+    out = pb.GetBudgetResponse(suspicion_score=status.suspicion_score, strength=status.strength, tier=status.tier)
+    out.signals.update(status.signals)
+    for lim in status.limits:
+        out.limits.add(name=lim.name, unit=lim.unit, scope=lim.scope, limit=lim.limit, used=lim.used,
+                       reserved=lim.reserved, remaining=lim.remaining, reset_in_s=lim.reset_in_s, shadow=lim.shadow)
+    return out

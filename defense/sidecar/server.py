@@ -200,6 +200,10 @@ class Sidecar:
         pb_grpc.add_DefenseServiceServicer_to_server(servicer, server)
         for add in self.extra_services:
             add(server)
+        if self.holder.runtime.loaded.config.front.envoy_ext_proc:  # read at start, like the listen addresses
+            from server_plugins.envoy.ext_proc import add_ext_proc  # the adapter lives with the other fronts
+
+            add_ext_proc(server, lambda: self.holder.runtime)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

@@ -117,9 +117,34 @@ class DefenseServicer(pb_grpc.DefenseServiceServicer):
         return await self._run("Settle", context, settle)
 
     async def Detect(self, request: pb.DetectRequest, context: grpc.aio.ServicerContext) -> pb.DetectResponse:  # noqa: N802
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Detect arrives with the watermark defense")
+        from ..watermark.select import configured_watermarks, watermark_for
+
+        entries = self.holder.runtime.chain.entries  # one runtime for the whole call, even across a reload
+        if not configured_watermarks(entries):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "Detect needs a watermark defense in the config (type: watermark or watermark_gumbel)")
+
+        def detect() -> pb.DetectResponse:
+            wm = watermark_for(entries, request.scheme)
+            assert wm is not None  # noqa: S101 - checked above on the same entries
+            report = wm.detector().detect_many(convert.sequences_from_detect(request),
+                                               key_ids=list(request.key_ids) or None)
+            return convert.detect_response(report.results, report.combined)
+
+        return await self._run("Detect", context, detect)
 
     async def GetBudget(self, request: pb.GetBudgetRequest, context: grpc.aio.ServicerContext) -> pb.GetBudgetResponse:  # noqa: N802
         await self._require_admin(context)
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetBudget arrives with the budget defense")
+        # duck-typed: any admission defense that reports budgets (the built-in one is `budget`)
+        budget = next((e.defense for _, e in self.holder.runtime.chain.admission
+                       if hasattr(e.defense, "budget_status")), None)
+        if budget is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "GetBudget needs a budget defense in the config (type: budget)")
+
+        def get_budget() -> pb.GetBudgetResponse:
+            client_id, tenant = convert.budget_query(request)
+            return convert.budget_response(budget.budget_status(client_id, tenant, request.model))
+
+        return await self._run("GetBudget", context, get_budget)
 

@@ -108,9 +108,9 @@ def test_every_rpc_through_the_client_with_retries(sidecar):
         c.admit(ctx("req-3"))
         assert c.settle(ctx("req-3"), Usage(completion_tokens=2, status=SettleStatus.CLIENT_ABORT)) is True
 
-        with pytest.raises(SidecarError) as e:
+        with pytest.raises(SidecarError) as e:  # the example config has no watermark to detect
             c.detect([[1, 2, 3]])
-        assert e.value.code is grpc.StatusCode.UNIMPLEMENTED
+        assert e.value.code is grpc.StatusCode.FAILED_PRECONDITION and "watermark" in e.value.details
 
     with SidecarClient(sidecar.target, admin_token="wrong") as c, pytest.raises(SidecarError) as e:
         c.get_budget("c_test")
@@ -118,9 +118,46 @@ def test_every_rpc_through_the_client_with_retries(sidecar):
     with SidecarClient(sidecar.target) as c, pytest.raises(SidecarError) as e:
         c.get_budget("c_test")
     assert e.value.code is grpc.StatusCode.UNAUTHENTICATED
-    with SidecarClient(sidecar.target, admin_token=ADMIN) as c, pytest.raises(SidecarError) as e:
-        c.get_budget("c_test")
-    assert e.value.code is grpc.StatusCode.UNIMPLEMENTED
+    with SidecarClient(sidecar.target, admin_token=ADMIN) as c:  # the example config's budget answers
+        budget = c.get_budget("c_test")
+        assert budget.tier == "default" and budget.strength >= 1.0
+        limits = {lim.name: lim for lim in budget.limits}
+        assert limits["tokens_per_day"].used >= 7 + 16 + 2  # req-1 and req-3 as settled (a day window: no drain)
+        assert set(budget.signals) >= {"repeat", "template", "logit_bias_logprobs"}
+        with pytest.raises(SidecarError) as e:
+            c.get_budget("")
+        assert e.value.code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_detect_with_a_watermark_configured(tmp_path):
+    """Detect answers with the configured watermark and the key file the sidecar loaded."""
+    from support.watermark import sample_streams
+
+    from defense.base import Deps
+    from defense.keys import KeyRing
+    from defense.watermark import GreenListParams, GreenListWatermark
+
+    params = {"gamma": 0.25, "delta": 2.0, "context": 2, "vocab_size": 4000}
+    cfg = write_config(tmp_path, overrides={"defenses": [{"type": "request_rules"},
+                                                          {"type": "watermark", "params": params}]})
+    embedder = GreenListWatermark(GreenListParams(**params), deps=Deps(keys=KeyRing.load(tmp_path / "keys.yaml")))
+    marked = sample_streams(embedder, 2, 100, 4000).tolist()
+    proc = SidecarProcess(cfg)
+    try:
+        with SidecarClient(proc.target, timeout_s=10) as c:
+            results = c.detect(marked + [list(range(1000, 1100))])
+            assert [r.detected for r in results] == [True, True, False]
+            assert results[0].key_id == embedder.key_id and results[0].scheme == "kgw" and results[0].log10_p < -6
+            assert results[0].tokens_scored == 98
+            for bad, code in (([[1, 2, 3]], "INVALID_ARGUMENT"), ([list(range(30)) + [4000]], "INVALID_ARGUMENT")):
+                with pytest.raises(SidecarError) as e:
+                    c.detect(bad)
+                assert e.value.code.name == code
+            with pytest.raises(SidecarError) as e:
+                c.detect(marked, key_ids=["k-unknown"])
+            assert e.value.code is grpc.StatusCode.INVALID_ARGUMENT and "unknown key id" in e.value.details
+    finally:
+        proc.stop()
 
 
 def test_async_client(sidecar):
