@@ -202,7 +202,7 @@ def main() -> int:
     met = all(v["met"] for v in result["targets"].values())
     result["targets_met"] = met
     parts = [f"{k} {v['measured']} (target {v['target']})" for k, v in result["targets"].items()]
-    summary = "; ".join(parts) + f"; detector {result['detector_tokens_per_s']:,} vs {result['transformers_detector_tokens_per_s']:,} tokens/s; targets {'met' if met else 'MISSED'}"
+    summary = f"threads {result['threads']}; " + "; ".join(parts) + f"; detector {result['detector_tokens_per_s']:,} vs {result['transformers_detector_tokens_per_s']:,} tokens/s; targets {'met' if met else 'MISSED'}"
     print(json.dumps(result, indent=2, sort_keys=True))
     print(summary)
     if not args.quick:
