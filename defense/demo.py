@@ -68,7 +68,7 @@ def run_in_process_demo(config_path: str, *, as_json: bool = False) -> int:
             prot = chain.protect(_fake_engine_output(k), adm.ctx)
             record["protect_applied"] = list(prot.applied)
             out(f"    protect: {k} alternatives x {prot.batch.shape[0]} positions; changed by: "
-                f"{', '.join(prot.applied) or 'nothing (no response defense configured yet)'}")
+                f"{', '.join(prot.applied) or 'nothing'}")
             chain.settle(adm.ctx, Usage(prompt_tokens=8, completion_tokens=4, logprob_values=4 * k))
         if as_json:
             print(json.dumps(record, sort_keys=True))
@@ -114,7 +114,7 @@ def run_sidecar_demo(config_path: str, *, as_json: bool = False) -> int:
                                               profile=adm.profile)
                         record["protect_applied"] = list(prot.applied)
                         out(f"    Protect -> {prot.batch.shape[0]} positions x {k} alternatives, changed by: "
-                            f"{', '.join(prot.applied) or 'nothing (no response defense in this config)'}")
+                            f"{', '.join(prot.applied) or 'nothing'}")
                         usage = Usage(prompt_tokens=8, completion_tokens=4, logprob_values=4 * k)
                         first = client.settle(ctx, usage, reservation_id=adm.reservation_id)
                         retry = client.settle(ctx, usage, reservation_id=adm.reservation_id)
