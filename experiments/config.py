@@ -204,7 +204,10 @@ class LMTrack:
     top_k: int = 20  # top_logprobs the attacker asks for
     sample_temperature: float = 1.0
     gen_batch: int = 64
-    kd_ce_weight: float = 0.0  # adds cross entropy on the sampled token to the KD loss
+    # weight of cross entropy on the sampled text added to the KD loss. 0: the protocol's T2 attacker,
+    # forward KL on the top-k plus the rest only. With 1 the text's gradient swamped the top-k term: the
+    # clean KD student fell between SFT and KD-only, and defenses moved it less than seed noise
+    kd_ce_weight: float = 0.0
     eval_docs: int = 100  # held-out documents for perplexity, KL and fidelity
     benign_queries: int = 100  # legitimate prompts for the utility metrics
     score: Literal["neg_kl", "fidelity", "neg_loss"] = "neg_kl"  # the student score S in the headline metrics

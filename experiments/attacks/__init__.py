@@ -80,7 +80,7 @@ def text_variant(text: str, variant: int, kind: str) -> str:
 
 
 def average_probabilities(answers: list[np.ndarray]) -> np.ndarray:
-    """Mean of dense probability vectors: [R] x [P, C] -> [P, C] (a vote fraction for one-hot answers)."""
+    """Mean of dense probability vectors: R x [..., C] -> [..., C] (a vote fraction for one-hot answers)."""
     return np.mean(np.stack(answers), axis=0)
 
 

@@ -102,7 +102,7 @@ def query_api(
                 vec = np.eye(N_CLASSES)[int(np.argmax(vec))]
             got.append(vec)
         if got:
-            answers[i] = average_probabilities(got)[0] if len(got) > 1 else got[0]
+            answers[i] = average_probabilities(got) if len(got) > 1 else got[0]
             if attack.hard_labels:
                 answers[i] = np.eye(N_CLASSES)[int(np.argmax(answers[i]))]
             kept[i] = True

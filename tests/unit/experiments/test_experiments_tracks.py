@@ -211,3 +211,25 @@ def test_report_has_a_table_and_a_pareto_plot_per_track(tmp_path):
         png = tmp_path / f"pareto_{name}.png"
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"](pareto_{name}.png)" in text
+
+
+def test_classifier_queries_average_repeats_into_one_vector_per_query(tmp_path):
+    """Repeats of a deterministic answer average to that answer; hard labels keep only its argmax."""
+    from defense.models.classifier import ClassifierConfig, build_classifier
+    from experiments.api import open_api
+    from experiments.config import AttackConfig
+    from experiments.runner import experiment_keys
+    from experiments.tracks.classifier import predict_proba, query_api
+
+    teacher = build_classifier(ClassifierConfig(), seed=0)
+    x = np.random.default_rng(0).uniform(size=(5, 64)).astype(np.float32)
+    keys = experiment_keys(tmp_path / "k.yaml", 0)
+    with open_api({"version": 1, "state": {"uri": "memory://"}}, keys=keys, key_file=tmp_path / "k.yaml") as api:
+        one, kept = query_api(api, teacher, x, who="a", attack=AttackConfig(), seed=0, output="probabilities")
+        avg, _ = query_api(api, teacher, x, who="b", attack=AttackConfig(repeats=3), seed=0, output="probabilities")
+        hard, _ = query_api(api, teacher, x, who="c", attack=AttackConfig(hard_labels=True), seed=0,
+                            output="probabilities")
+    assert kept.all() and api.requests == 5 + 15 + 5
+    assert np.allclose(one, predict_proba(teacher, x), atol=1e-6)
+    assert np.allclose(avg, one, atol=1e-6)
+    assert np.array_equal(hard, np.eye(10, dtype=np.float32)[one.argmax(1)])
