@@ -106,8 +106,11 @@ def radioactivity_entry(subs: list[dict[str, Any]]) -> dict[str, Any]:
     if not cands:
         return {"student_tokens": None, "log10_p": None, "clean_students": None, "clean_false_positives": None}
     sub, row = min(cands, key=lambda sr: _m(sr[1], "log10_p"))
+    # the clean students tested with this row's detector (older runs: the run's totals)
+    n = (row["metrics"].get("clean_students") or {}).get("mean", sub.get("clean_students"))
+    fp = (row["metrics"].get("clean_false_positives") or {}).get("mean", sub.get("clean_false_positives"))
     return {"student_tokens": _r(_m(row, "student_tokens")), "log10_p": _r(_m(row, "log10_p")),
-            "clean_students": sub.get("clean_students"), "clean_false_positives": sub.get("clean_false_positives")}
+            "clean_students": n, "clean_false_positives": fp}
 
 
 def reasoning_entry(subs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -61,7 +61,13 @@ def radioactivity(runner: LMRunner, api: TeacherAPI, model: Any, cell: Cell) -> 
     rc = runner.cfg.radioactivity
     detector = find_detector(api)
     out = closed_box(runner, detector, model, seed=cell.seed)
-    if cell.seed == runner.env.study.seeds[0] and rc.clean_students:
+    # clean students once per detector (two strengths of one watermark share it): the same students
+    # tested twice would count each false positive twice
+    spec = repr(getattr(detector, "spec", None))
+    out["detector"] = spec
+    done: set[str] = runner.__dict__.setdefault("_clean_specs_done", set())
+    if cell.seed == runner.env.study.seeds[0] and rc.clean_students and spec not in done:
+        done.add(spec)
         clean_p = []
         with runner.env.api(None, None) as clean_api:  # the undefended teacher: unwatermarked text
             for i in range(rc.clean_students):
@@ -84,16 +90,16 @@ def radioactivity(runner: LMRunner, api: TeacherAPI, model: Any, cell: Cell) -> 
 
 def aggregate_radioactivity(records: list[dict[str, Any]]) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
-    clean_students, clean_fp = 0, 0
+    clean: dict[str | None, tuple[int, int]] = {}  # detector -> (clean students, false positives)
     for rec in records:
         r = rec["result"]["radioactivity"]
         if "clean_students" in r:
-            clean_students += r["clean_students"]
-            clean_fp += r["clean_false_positives"]
+            clean[r.get("detector")] = (r["clean_students"], r["clean_false_positives"])
         row = rows.setdefault(rec["label"], {"attack": rec["attack"], "defense": rec["defense"], "label": rec["label"],
                                             "param": rec.get("param"), "value": rec.get("value"), "seeds": [],
                                             "_vals": {"student_tokens": [], "log10_p": [], "detected": []}})
         row["seeds"].append(rec["seed"])
+        row["detector"] = r.get("detector")
         for k in row["_vals"]:
             row["_vals"][k].append(r[k])
     out_rows = []
@@ -102,5 +108,9 @@ def aggregate_radioactivity(records: list[dict[str, Any]]) -> dict[str, Any]:
         # log10_p: the least significant seed, since a detection claim must hold for every student
         row["metrics"] = {k: {"mean": float(np.max(v) if k == "log10_p" else np.mean(v)), "values": v}
                           for k, v in vals.items()}
+        n, fp = clean.get(row["detector"], (None, None))
+        row["metrics"]["clean_students"] = {"mean": n}
+        row["metrics"]["clean_false_positives"] = {"mean": fp}
         out_rows.append(row)
-    return subtrack(out_rows, SPEC, clean_students=clean_students, clean_false_positives=clean_fp)
+    return subtrack(out_rows, SPEC, clean_students=sum(n for n, _ in clean.values()),
+                    clean_false_positives=sum(fp for _, fp in clean.values()))

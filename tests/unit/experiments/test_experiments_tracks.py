@@ -233,3 +233,18 @@ def test_classifier_queries_average_repeats_into_one_vector_per_query(tmp_path):
     assert np.allclose(one, predict_proba(teacher, x), atol=1e-6)
     assert np.allclose(avg, one, atol=1e-6)
     assert np.array_equal(hard, np.eye(10, dtype=np.float32)[one.argmax(1)])
+
+
+def test_radioactivity_counts_each_detectors_clean_students_once():
+    from experiments.tracks.radioactivity import aggregate_radioactivity
+
+    def rec(label, seed, **extra):
+        r = {"student_tokens": 900.0, "log10_p": -7.0 - seed, "detected": 1.0, "detector": "kgw-h2", **extra}
+        return {"attack": "base", "label": label, "defense": "watermark", "seed": seed, "result": {"radioactivity": r}}
+
+    clean = {"clean_students": 20, "clean_false_positives": 1, "clean_log10_p": [-1.0] * 20}
+    sub = aggregate_radioactivity([rec("wm(delta=2)", 0, **clean), rec("wm(delta=2)", 1), rec("wm(delta=4)", 0)])
+    assert sub["clean_students"] == 20 and sub["clean_false_positives"] == 1
+    row = sub["rows"][0]["metrics"]
+    assert row["log10_p"]["mean"] == -7.0  # the least significant seed
+    assert row["clean_students"]["mean"] == 20 and sub["rows"][1]["metrics"]["clean_false_positives"]["mean"] == 1
