@@ -88,6 +88,7 @@ class Env:
     keys: KeyRing | None = None
     key_file: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    cells_run: int = 0  # this invocation's, not loaded from checkpoints
 
     def api(self, entry: DefenseEntry | None, value: Any, *, clock: Clock = SYSTEM_CLOCK) -> TeacherAPI:
         doc = chain_doc(self.study, entry, value)
@@ -122,6 +123,7 @@ class Env:
             t0 = time.perf_counter()
             log.info("cell %s / %s / %s / seed %d", track, cell.attack.name, cell.label, cell.seed)
             result = fn(cell)
+            self.cells_run += 1
             rec = {**cell.describe(), "seconds": time.perf_counter() - t0, "result": result}
             _write_json_atomic(path, rec)
             records.append(rec)
@@ -215,11 +217,16 @@ def run_study(study: Study, out_dir: Path | None = None, *, device: str | None =
                                                         sort_keys=False))
     keys = experiment_keys(out_dir / "keys.yaml", study.teacher_seed)
     env = Env(study, out_dir, device=device, keys=keys, key_file=out_dir / "keys.yaml")
+    # one entry per invocation: a resumed study keeps the timing of the sittings before it
+    previous = json.loads((out_dir / "run.json").read_text()).get("invocations", []) \
+        if resuming and (out_dir / "run.json").exists() else []
+    this = {"argv": argv or sys.argv, "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            "resumed": resuming, "device": device, "threads": torch.get_num_threads(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     run_info = {
-        "study": study.name, "config_digest": config_digest(study), "argv": argv or sys.argv,
-        "started": datetime.now(UTC).isoformat(timespec="seconds"), "resumed": resuming, "device": device,
-        "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.machine(), "cpus": os.cpu_count(), "api": study.api.path,
+        "study": study.name, "config_digest": config_digest(study), "python": platform.python_version(),
+        "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(), "api": study.api.path,
+        "invocations": [*previous, this],
     }
     write_json(out_dir / "run.json", run_info)
     t_start = time.perf_counter()
@@ -236,7 +243,9 @@ def run_study(study: Study, out_dir: Path | None = None, *, device: str | None =
                "tracks": tracks_out}
     write_json(out_dir / "metrics.json", metrics)
     write_report(out_dir, metrics)
-    run_info["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-    run_info["seconds"] = time.perf_counter() - t_start
+    this["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    this["seconds"] = time.perf_counter() - t_start
+    this["cells_run"] = env.cells_run
+    run_info["seconds_total"] = sum(i.get("seconds", 0.0) for i in run_info["invocations"])
     write_json(out_dir / "run.json", run_info)
     return out_dir

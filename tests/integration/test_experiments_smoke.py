@@ -98,6 +98,8 @@ def test_an_interrupted_study_resumes_from_its_cells(tmp_path):
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # finished cells were not rerun
     again = json.loads((out / "metrics.json").read_text())
     assert again["tracks"] == first["tracks"]  # seeded: the rerun cell gives the same numbers
+    sittings = json.loads((out / "run.json").read_text())["invocations"]
+    assert [s["resumed"] for s in sittings] == [False, True] and sittings[1]["cells_run"] == 1
     assert main(["experiment", "run", str(cfg), "--out", str(out), "--set", "seeds=[1]"]) == 2  # another config
 
 
