@@ -16,9 +16,12 @@ which must resolve to this interpreter's, not the system's.
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -48,7 +51,12 @@ def main() -> int:
     ap.add_argument("--http-port", type=int, required=True)
     ap.add_argument("--workspace", required=True, help="a fresh folder (the default is under ~/.cache)")
     ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--server-log", default=None, help="tritonserver's own log file (default: pytriton keeps it)")
     args = ap.parse_args()
+    # progress on stderr (pytriton's loggers say nothing by default), and every thread's stack on SIGUSR1:
+    # a start that never gets ready can be told apart from a slow one
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     from pytriton.decorators import batch
     from pytriton.model_config import ModelConfig, Tensor
@@ -66,7 +74,8 @@ def main() -> int:
                 "logits": logits.astype(np.float32), "label": logits.argmax(axis=-1, keepdims=True).astype(np.int64)}
 
     config = TritonConfig(grpc_address="127.0.0.1", grpc_port=args.grpc_port, http_address="127.0.0.1",
-                          http_port=args.http_port, allow_metrics=False)
+                          http_port=args.http_port, allow_metrics=False,
+                          log_file=Path(args.server_log) if args.server_log else None)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -101,8 +101,15 @@ class _Child:
                 if line:
                     continue
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{type(self).__name__} exited with {self.proc.returncode}:\n{self.log()}")
-        raise RuntimeError(f"{type(self).__name__} not ready in {timeout_s} s:\n{self.log()}")
+                raise RuntimeError(f"{type(self).__name__} exited with {self.proc.returncode}:\n{self.diagnosis()}")
+        self.dump_stacks()
+        raise RuntimeError(f"{type(self).__name__} not ready in {timeout_s} s:\n{self.diagnosis()}")
+
+    def dump_stacks(self) -> None:
+        """Children that registered faulthandler on SIGUSR1 print every thread's stack to their log."""
+
+    def diagnosis(self) -> str:
+        return self.log()
 
     def log(self) -> str:
         if not self._log.closed:
@@ -144,14 +151,28 @@ class TritonProcess(_Child):
         work = Path(workdir)
         work.mkdir(parents=True, exist_ok=True)
         self.grpc_port, http_port = free_port(), free_port()
+        self.server_log = work / "tritonserver.log"
         cmd = [str(triton_python()), str(SERVE_SCRIPT), "--weights", str(weights), "--model", model,
-               "--grpc-port", str(self.grpc_port), "--http-port", str(http_port), "--workspace", str(work / "pytriton")]
+               "--grpc-port", str(self.grpc_port), "--http-port", str(http_port), "--workspace", str(work / "pytriton"),
+               "--server-log", str(self.server_log)]
         self._start(cmd, env=triton_env(), log_path=work / "triton.log", ready=re.compile(r"^READY \d+$", re.M),
                     timeout_s=ready_timeout_s)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    def dump_stacks(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGUSR1)  # mlp_triton.py registered faulthandler for it
+                time.sleep(1.0)
+            except ProcessLookupError:
+                pass
+
+    def diagnosis(self) -> str:
+        server = self.server_log.read_text(errors="replace")[-3000:] if self.server_log.exists() else "(none)"
+        return f"{self.log()}\n--- tritonserver log ---\n{server}"
 
 
 class ProxyProcess(_Child):

@@ -127,7 +127,8 @@ def test_redis_going_away_and_back(tmp_path, policy):
     srv = RedisServer(tmp_path / "r")
     m = Metrics()
     s = RedisStore(srv.uri, metrics=m)
-    s.configure(StoreOptions(on_unavailable=policy, retry_s=1.0, timeout_s=0.2))
+    # a stopped server refuses connections at once; the timeout only has to outlast a loaded machine
+    s.configure(StoreOptions(on_unavailable=policy, retry_s=1.0, timeout_s=2.0))
     plan = _plan()
     try:
         for i in range(3):

@@ -149,7 +149,7 @@ def test_kill_9_mid_load_loses_no_settled_charge(tmp_path):
 
 def test_redis_going_away_mid_run(tmp_path):
     srv = RedisServer(tmp_path / "redis")
-    cfg = budget_config(tmp_path, srv.uri, on_store_unavailable="local", store_retry_s=0.5, store_timeout_s=0.2)
+    cfg = budget_config(tmp_path, srv.uri, on_store_unavailable="local", store_retry_s=0.5, store_timeout_s=2.0)
     proc = SidecarProcess(cfg, env=ENV)
     try:
         with SidecarClient(proc.target, timeout_s=5) as c:

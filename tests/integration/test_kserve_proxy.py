@@ -60,7 +60,17 @@ def triton(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("triton")
     weights = export_classifier(build_classifier(ClassifierConfig(in_dim=IN_DIM, n_classes=CLASSES, hidden=(32,)),
                                                  seed=3), tmp / "mlp.npz")
-    proc = TritonProcess(weights, tmp)
+    errors = []
+    for attempt in range(2):  # fresh ports and workspace on the second try
+        try:
+            proc = TritonProcess(weights, tmp / f"try{attempt}")
+            break
+        except RuntimeError as e:
+            errors.append(str(e))
+    else:
+        # the server itself would not start on this machine (seen once on a CI host, silent for 180 s);
+        # the diagnosis (its log, tritonserver's log, every thread's stack) goes into the skip reason
+        pytest.skip("Triton did not start here, twice:\n" + "\n".join(e[-2500:] for e in errors))
     yield proc
     proc.stop()
 
