@@ -98,9 +98,13 @@ def _metrics_port(text: str) -> int | None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    if args.rpc or args.in_process:
+        from .demo import run_demo
 
-    return run_demo(args.config, as_json=args.json, in_process=args.in_process)
+        return run_demo(args.config or "examples/distillguard.yaml", as_json=args.json, in_process=args.in_process)
+    from server_plugins.demo import run_stack_demo
+
+    return run_stack_demo(args.config, keep_running=args.keep_running, as_json=args.json)
 
 
 def _budget_show(args: argparse.Namespace) -> int:
@@ -200,9 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Prometheus port (0: any free port, off: none); replaces server.metrics_port")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("demo", help="start the sidecar, send each RPC once through the client, print the answers")
-    p.add_argument("--config", default="examples/distillguard.yaml")
-    p.add_argument("--in-process", action="store_true", help="run the requests through the chain in this process")
+    p = sub.add_parser("demo", help="the end-to-end demo: vLLM (cpu) with the plugin, the sidecar and Envoy on "
+                                    "loopback, a legitimate and a distilling client (what ./dev demo runs)")
+    p.add_argument("--config", help="config (default: examples/demo.yaml; with --rpc or --in-process: "
+                                    "examples/distillguard.yaml)")
+    p.add_argument("--keep-running", action="store_true",
+                   help="leave the stack up after the report and print its URL, model and an API key, until Ctrl-C")
+    p.add_argument("--rpc", action="store_true",
+                   help="instead: start only the sidecar, send each RPC once through the client, print the answers")
+    p.add_argument("--in-process", action="store_true",
+                   help="instead: run the --rpc requests through the chain in this process")
     p.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     p.set_defaults(func=_demo)
 

@@ -54,12 +54,12 @@ def test_keys_new_list_rotate(tmp_path, capsys):
     assert secret not in "\n".join(lines)
 
 
-@pytest.mark.parametrize("mode", [["--in-process"], []])
+@pytest.mark.parametrize("mode", [["--in-process"], ["--rpc"]])
 def test_demo_runs(tmp_path, key_file, mode):
     r = run("demo", "--config", "examples/distillguard.yaml", "--json", *mode, env={"DISTILLGUARD_KEYS": str(key_file)})
     assert r.returncode == 0, r.stderr
     assert '"decision": "deny"' in r.stdout and '"reason_code": "top_logprobs_all"' in r.stdout
-    if not mode:  # through the sidecar: settle retried once, charged once
+    if mode == ["--rpc"]:  # through the sidecar: settle retried once, charged once
         assert '"settle": [true, false]' in r.stdout
         assert '{"rpc": "GetBudget", "status": "OK"}' in r.stdout  # the example config's budget answers
 
