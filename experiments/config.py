@@ -229,6 +229,36 @@ class LMTrack:
 
 
 @dataclass(frozen=True)
+class ProxySpec:
+    """The proxy student antidistillation sampling needs, prepared once per study (reasoning track).
+
+    The factory architecture trained for ``steps`` on the teacher's clean (greedy) traces of
+    ``problems`` problems; its loss gradient is taken on the traces of ``holdout`` further problems.
+    Both sets are disjoint from the evaluation problems and from every seed's distiller queries. At
+    most ``max_param_ratio`` of the teacher's parameters (the issue's bound: a quarter).
+    """
+
+    arch: Literal["llama", "gpt2"] = "llama"
+    hidden: int = 64
+    layers: int = 1
+    heads: int = 4
+    problems: int = 2000  # clean teacher traces the proxy trains on
+    steps: int = 150  # short: a partly trained proxy, as a pretrained model not yet distilled
+    batch: int = 32
+    lr: float = 3e-3
+    holdout: int = 500  # clean teacher traces the loss gradient is taken on
+    teacher_temperature: float = 0.0  # how the clean traces are generated (0: greedy)
+    max_param_ratio: float = 0.25
+
+    def __post_init__(self) -> None:
+        _positive(self, "hidden", "layers", "heads", "problems", "batch", "lr", "holdout", "max_param_ratio")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.teacher_temperature < 0:
+            raise ValueError(f"teacher_temperature must be >= 0, got {self.teacher_temperature}")
+
+
+@dataclass(frozen=True)
 class ReasoningTrack:
     """Synthetic multi-step arithmetic with written steps; students SFT on the teacher's traces."""
 
@@ -251,6 +281,7 @@ class ReasoningTrack:
     gen_tokens: int = 64
     gen_batch: int = 64
     acc_loss_max_pts: float = 2.0  # utility constraint for the summary
+    proxy: ProxySpec = ProxySpec()  # for antidistillation sampling; built only when a study uses it
     attacks: tuple[AttackConfig, ...] = (AttackConfig(),)
 
     def __post_init__(self) -> None:
@@ -388,6 +419,7 @@ def parse_study(doc: Any, *, check_defenses: bool = True) -> Study:
     if check_defenses:
         for i, entry in enumerate(study.defenses):
             check_defense(study, entry, path=f"defenses[{i}]")
+            check_prepared(entry, path=f"defenses[{i}]")
         if study.chain:
             from defense.config import parse_config
 
@@ -495,13 +527,52 @@ KIND_TRACKS = {
 }
 
 
+# defenses whose inputs the harness prepares per study on some tracks: antidistillation sampling needs a
+# proxy student and its loss gradient, which the reasoning track builds (a proxy trained on the
+# teacher's clean traces). Elsewhere such an entry must give them in its params.
+PREPARED_TRACKS = ("reasoning",)
+PREPARED_PARAMS = ("proxy_path", "gradient_path")
+
+
+def harness_prepared(entry: DefenseEntry) -> bool:
+    """True for an antidistillation-sampling entry that leaves its proxy and gradient to the harness."""
+    if entry.type in HARNESS_TYPES:
+        return False
+    from defense.antidistill.sampler import AntidistillSampling
+    from defense.registry import default_registry
+
+    cls = default_registry().resolve(entry.type)
+    if not (isinstance(cls, type) and issubclass(cls, AntidistillSampling)):
+        return False
+    return not all(entry.params.get(k) for k in PREPARED_PARAMS)
+
+
+def entry_tracks(entry: DefenseEntry) -> tuple[str, ...]:
+    """The tracks a defense entry runs on: its ``tracks``, else those its kind applies to (for a
+    harness-prepared antidistillation entry, only the tracks that prepare a proxy)."""
+    if entry.tracks:
+        return entry.tracks
+    tracks = KIND_TRACKS[defense_kind(entry)]
+    if harness_prepared(entry):
+        tracks = tuple(t for t in tracks if t in PREPARED_TRACKS)
+    return tracks
+
+
+def check_prepared(entry: DefenseEntry, *, path: str) -> None:
+    """A clear error for antidistillation sampling named on a track that cannot build its proxy."""
+    if not entry.tracks or not harness_prepared(entry):
+        return
+    bad = [t for t in entry.tracks if t not in PREPARED_TRACKS]
+    if bad:
+        raise ConfigError(f"{entry.type} needs a proxy student and its loss gradient; the harness prepares "
+                          f"them only on the {', '.join(PREPARED_TRACKS)} track, not on {', '.join(bad)}: "
+                          f"drop {', '.join(bad)} from tracks, or give params {' and '.join(PREPARED_PARAMS)} "
+                          "(a proxy model folder sharing that track's tokenizer and its saved gradient)",
+                          path=f"{path}.tracks")
+
+
 def defenses_for(study: Study, track: str) -> list[DefenseEntry]:
-    out = []
-    for entry in study.defenses:
-        tracks = entry.tracks or KIND_TRACKS[defense_kind(entry)]
-        if track in tracks:
-            out.append(entry)
-    return out
+    return [entry for entry in study.defenses if track in entry_tracks(entry)]
 
 
 def unresolvable_defenses(study_or_doc: Study | Mapping[str, Any]) -> list[tuple[str, str, str]]:

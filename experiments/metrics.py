@@ -14,10 +14,13 @@ import numpy as np
 
 __all__ = [
     "bootstrap_ci",
+    "bootstrap_rows_ci",
     "expected_calibration_error",
     "gain_erased",
+    "interpolate_curve",
     "kl_divergence",
     "logprob_extra_gain_erased",
+    "matched_gain_erased",
     "mean_ci",
     "spearman_topk",
     "top1_agreement",
@@ -40,6 +43,35 @@ def gain_erased(s_def: float, s_clean: float, s0: float) -> float:
 def logprob_extra_gain_erased(s_kd_def: float, s_kd_clean: float, s_sft_clean: float) -> float:
     """How much of what top-k logprobs add over text-only SFT the defense takes away (1: all of it)."""
     return gain_erased(s_kd_def, s_kd_clean, s_sft_clean)
+
+
+def interpolate_curve(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    """y at ``x`` on the piecewise-linear curve through the points (xs, ys), given in any order.
+
+    Points sharing an x are averaged; outside the curve's x range the nearest end's y is returned
+    (no extrapolation). Non-finite points are ignored; NaN when none is left or ``x`` is not finite.
+    """
+    pts = [(float(a), float(b)) for a, b in zip(xs, ys, strict=True) if math.isfinite(a) and math.isfinite(b)]
+    if not pts or not math.isfinite(x):
+        return math.nan
+    grouped: dict[float, list[float]] = {}
+    for a, b in pts:
+        grouped.setdefault(a, []).append(b)
+    gx = sorted(grouped)
+    gy = [sum(grouped[a]) / len(grouped[a]) for a in gx]
+    return float(np.interp(float(x), gx, gy))
+
+
+def matched_gain_erased(s_def: float, x_def: float, curve_x: Sequence[float], curve_s: Sequence[float],
+                        s0: float) -> float:
+    """1 - (S_def - S_0) / (S_ref - S_0), S_ref the reference curve's student score at the defense's x.
+
+    The reasoning track's ``gain_erased_vs_temperature``: x is the teacher's accuracy as served, the curve
+    is temperature sampling's (teacher accuracy, student accuracy) points, S_0 the student before
+    distillation. 0: the defense is no better than temperature at the same teacher accuracy; 1: it erases
+    all the gain temperature sampling leaves.
+    """
+    return gain_erased(s_def, interpolate_curve(x_def, curve_x, curve_s), s0)
 
 
 def kl_divergence(p_log: np.ndarray, q_log: np.ndarray) -> np.ndarray:
@@ -220,6 +252,39 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     # [n, size] resampled means per group, then fn elementwise
     means = [a[rng.integers(0, a.size, size=(n, a.size))].mean(axis=1) for a in arrays]
+    stats = np.array([fn(*(m[i] for m in means)) for i in range(n)], dtype=np.float64)
+    stats = stats[np.isfinite(stats)]
+    if stats.size == 0:
+        return point, math.nan, math.nan
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(stats, [alpha, 1 - alpha])
+    return point, float(lo), float(hi)
+
+
+def bootstrap_rows_ci(
+    fn: Callable[..., float],
+    groups: Sequence[np.ndarray],
+    *,
+    n: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(point, low, high) like ``bootstrap_ci``, for groups of paired measurements.
+
+    Each group is an array [n_i, k_i]: rows are seeds, columns metrics measured together (a cell's
+    teacher accuracy and its student's accuracy). Rows are resampled, so the columns stay paired; groups
+    are resampled independently. ``fn`` receives each group's column means (a length-k_i array).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    arrays = [np.atleast_2d(np.asarray(g, dtype=np.float64)) for g in groups]
+    if any(a.shape[0] == 0 or a.size == 0 for a in arrays):
+        return math.nan, math.nan, math.nan
+    point = float(fn(*(a.mean(axis=0) for a in arrays)))
+    if n < 1 or all(a.shape[0] == 1 for a in arrays):
+        return point, point, point
+    rng = np.random.default_rng(seed)
+    means = [a[rng.integers(0, a.shape[0], size=(n, a.shape[0]))].mean(axis=1) for a in arrays]  # [n, k_i]
     stats = np.array([fn(*(m[i] for m in means)) for i in range(n)], dtype=np.float64)
     stats = stats[np.isfinite(stats)]
     if stats.size == 0:

@@ -15,11 +15,13 @@ _X_LABELS = {
     "teacher_acc_loss_pts": "teacher accuracy loss (points)",
     "legit_refused_pts": "legitimate requests refused (%)",
     "student_tokens": "student tokens scored",
+    "teacher_acc": "teacher accuracy as served",
 }
 _Y_LABELS = {
     "gain_erased": "distillation gain erased",
     "logprob_extra_gain_erased": "logprob extra gain erased (vs text SFT)",
     "log10_p": "log10 p",
+    "student_acc": "distilled student accuracy",
 }
 
 
@@ -54,8 +56,13 @@ def table(rows: list[dict[str, Any]], columns: tuple[str, ...] | list[str]) -> l
     return out
 
 
-def pareto_plot(path: Path, title: str, rows: list[dict[str, Any]], x: str, y: str) -> bool:
-    """One curve per (attack, defense) over its strengths; returns False when no point is finite."""
+def pareto_plot(path: Path, title: str, rows: list[dict[str, Any]], x: str, y: str, *, cost_axis: bool = True,
+                join_baseline: bool = False) -> bool:
+    """One curve per (attack, defense) over its strengths; returns False when no point is finite.
+
+    ``join_baseline`` starts each defense's curve at its attack's undefended point (strength 0), as in a
+    teacher-accuracy-versus-student-accuracy plot; ``cost_axis`` marks x as the utility cost.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a server or in CI
@@ -69,6 +76,11 @@ def pareto_plot(path: Path, title: str, rows: list[dict[str, Any]], x: str, y: s
         curves[(r["attack"], r["defense"])].append((mx["mean"], my["mean"], mx, my, r.get("value")))
     if not curves:
         return False
+    if join_baseline:
+        for (attack, defense), pts in curves.items():
+            base = curves.get((attack, "none"))
+            if defense != "none" and base:
+                pts.append((*base[0][:4], -math.inf))
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
     multi_attack = len({a for a, _ in curves}) > 1
     for (attack, defense), pts in curves.items():
@@ -82,11 +94,12 @@ def pareto_plot(path: Path, title: str, rows: list[dict[str, Any]], x: str, y: s
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker=marker, markersize=9 if marker == "*" else 5,
                     capsize=2, linewidth=1.2, label=label)
         for p in pts:
-            if p[4] is not None:
+            if p[4] is not None and p[4] != -math.inf:
                 ax.annotate(f"{p[4]:g}" if isinstance(p[4], (int, float)) else str(p[4]), (p[0], p[1]),
                             textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.axhline(0.0, color="gray", linewidth=0.6)
-    ax.set_xlabel(_X_LABELS.get(x, x) + "  (utility cost)")
+    if cost_axis:  # a gain-erased axis: mark zero (an accuracy axis keeps its own range)
+        ax.axhline(0.0, color="gray", linewidth=0.6)
+    ax.set_xlabel(_X_LABELS.get(x, x) + ("  (utility cost)" if cost_axis else ""))
     ax.set_ylabel(_Y_LABELS.get(y, y))
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
@@ -158,6 +171,11 @@ def write_report(out_dir: Path, metrics: dict[str, Any]) -> Path:
             lines += [f"![Pareto plot: {name}]({png})", ""]
         else:
             lines += ["(no finite points to plot)", ""]
+        for px, py in spec.get("plots", ()):
+            xpng = f"{name}_{py}_vs_{px}.png"
+            if pareto_plot(out_dir / xpng, f"{name}: {_Y_LABELS.get(py, py)} vs {_X_LABELS.get(px, px)}", sub["rows"],
+                           px, py, cost_axis=False, join_baseline=True):
+                lines += [f"![{py} vs {px}: {name}]({xpng})", ""]
         if sub.get("curves"):
             cpng = f"curve_{name}.png"
             curve_plot(out_dir / cpng, f"{name}: student quality over queries", sub["curves"])

@@ -8,6 +8,7 @@ the attack. A track no run measured, or where no defense meets the constraint, h
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections import defaultdict
@@ -15,13 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from defense.errors import ConfigError
 
+from .aggregate import add_matched_gain
 from .config import BASELINE
 
 DEFAULT_OUT = Path("experiments/results/summary.json")
+MATCHED = "gain_erased_vs_temperature"  # reasoning: gain erased against temperature at the same teacher accuracy
+MATCHED_REF = "student_acc_temperature"  # the temperature curve's student accuracy there
 _TOP1_TOL = 1e-9
 
 
@@ -87,10 +89,32 @@ def _worst(cand: dict[str, Any], key: str) -> float:
     return min(vals) if vals else math.nan
 
 
+def _is_sampling(row: dict[str, Any]) -> bool:
+    """A sampling defense (watermark, antidistillation): it changes what is generated, not what is returned."""
+    t = row.get("type")
+    if not t:
+        return False
+    from defense.base import SamplingDefense
+    from defense.registry import default_registry
+
+    try:
+        cls = default_registry().resolve(str(t))
+    except Exception:  # noqa: BLE001 - a type this install cannot resolve is judged by its numbers
+        return False
+    return isinstance(cls, type) and issubclass(cls, SamplingDefense)
+
+
 def lm_logprob_entry(subs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The response defense with the most ``logprob_extra_gain_erased`` within the utility constraint.
+
+    Sampling defenses are not candidates: their returned logprobs match what they served (top-1 agreement
+    1, TV 0 by construction), so the constraint says nothing about what they cost; that cost is the
+    perplexity of their generations under the clean teacher (``gen_ppl_increase``), in the report."""
+
     def ok(c: dict[str, Any]) -> bool:
         con = c["sub"].get("constraint", {})
-        return (_m(c["row"], "top1_agreement") >= con.get("top1_agreement_min", 1.0) - _TOP1_TOL
+        return (not _is_sampling(c["row"])
+                and _m(c["row"], "top1_agreement") >= con.get("top1_agreement_min", 1.0) - _TOP1_TOL
                 and _m(c["row"], "mean_tv") <= con.get("mean_tv_max", 0.10))
 
     best = _best(_by_defense(subs, "logprob_extra_gain_erased"), ok)
@@ -113,27 +137,49 @@ def radioactivity_entry(subs: list[dict[str, Any]]) -> dict[str, Any]:
             "clean_students": n, "clean_false_positives": fp}
 
 
-def reasoning_entry(subs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The best non-temperature defense by its gain erased minus the temperature curve's at the same
-    teacher accuracy loss (linear interpolation; clamped at the curve's ends)."""
-    empty = {"defense": None, "gain_erased_vs_temperature": None, "teacher_acc_loss_pts": None}
+def _is_antidistill(row: dict[str, Any]) -> bool:
+    t = str(row.get("type") or "")
+    return t == "antidistill" or t.endswith(":AntidistillSampling")
+
+
+def reasoning_entry(subs: list[dict[str, Any]], *, bootstrap: int = 1000) -> dict[str, Any]:
+    """The antidistillation-sampling strength with the highest ``gain_erased_vs_temperature`` among those
+    within the teacher-accuracy constraint (other defenses of the runs, the watermark, are not candidates).
+
+    gain_erased_vs_temperature = 1 - (S_def - S_0) / (S_temp - S_0), S_temp the student from
+    temperature-sampled traces at the defense's teacher accuracy (the run's temperature curve, its
+    undefended greedy point included, interpolated linearly in teacher accuracy), per attack. As on the
+    other tracks a defense's value is its worst case over the attacks of its run; ``by_attack`` gives each
+    attack's value with its 95% bootstrap interval over seeds, and ``matched`` whether the temperature
+    curve brackets the defense's teacher accuracy.
+    """
+    empty = {"defense": None, "gain_erased_vs_temperature": None, "teacher_acc_loss_pts": None, "by_attack": {}}
     best: tuple[float, dict[str, Any]] | None = None
-    for c in _by_defense(subs, "gain_erased"):
-        if c["row"].get("is_temperature"):
-            continue
-        limit = c["sub"].get("constraint", {}).get("teacher_acc_loss_pts_max", 2.0)
-        x = _m(c["row"], "teacher_acc_loss_pts")
-        if not math.isfinite(c["headline"]) or not math.isfinite(x) or x > limit:
-            continue
-        curve = [(0.0, 0.0)] + [(_m(r, "teacher_acc_loss_pts"), _m(r, "gain_erased")) for r in c["sub"]["rows"]
-                                if r.get("is_temperature") and r["attack"] == c["row"]["attack"]]
-        curve = sorted((a, b) for a, b in curve if math.isfinite(a) and math.isfinite(b))
-        if len(curve) < 2:
-            continue  # no temperature control measured: nothing to compare against
-        ref = float(np.interp(x, [a for a, _ in curve], [b for _, b in curve]))
-        diff = c["headline"] - ref
-        if best is None or diff > best[0]:
-            best = (diff, {"defense": c["label"], "gain_erased_vs_temperature": _r(diff), "teacher_acc_loss_pts": _r(x)})
+    for sub in subs:
+        rows = copy.deepcopy(sub["rows"])
+        add_matched_gain(rows, is_reference=lambda r: bool(r.get("is_temperature")), x="teacher_acc",
+                         score="student_acc", floor="student_acc0", name=MATCHED, ref_name=MATCHED_REF,
+                         bootstrap=bootstrap)
+        limit = sub.get("constraint", {}).get("teacher_acc_loss_pts_max", 2.0)
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in rows:
+            if _is_antidistill(row):
+                groups[row["label"]].append(row)
+        for label, group in groups.items():
+            x = _m(group[0], "teacher_acc_loss_pts")
+            vals = [_m(r, MATCHED) for r in group]
+            if not math.isfinite(x) or x > limit or not vals or not all(math.isfinite(v) for v in vals):
+                continue
+            worst = min(vals)
+            by_attack = {r["attack"]: {"gain_erased_vs_temperature": _r(_m(r, MATCHED)),
+                                       "interval": [_r(r["metrics"][MATCHED]["lo"]), _r(r["metrics"][MATCHED]["hi"])],
+                                       "student_acc": _r(_m(r, "student_acc")),
+                                       "student_acc_temperature": _r(_m(r, MATCHED_REF)),
+                                       "matched": r.get("matched")} for r in group}
+            entry = {"defense": label, "gain_erased_vs_temperature": _r(worst), "teacher_acc_loss_pts": _r(x),
+                     "by_attack": by_attack}
+            if best is None or worst > best[0]:
+                best = (worst, entry)
     return best[1] if best else empty
 
 

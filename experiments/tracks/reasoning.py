@@ -5,12 +5,15 @@ defenses); the distiller's result is its student's accuracy. Defenses here act o
 ``sampling_temperature`` knob (everyone is served at temperature t; the control antidistillation
 sampling is compared against at matched teacher accuracy) and chain sampling defenses (watermark,
 antidistillation sampling) through the per-step logits hook. Requests ask for no logprobs, so the
-response path is admit -> generate -> settle.
+response path is admit -> generate -> settle. Antidistillation sampling gets its proxy student and loss
+gradient from ``adsproxy.prepare_proxy``, built once per study into the run directory.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -18,14 +21,23 @@ import torch
 from defense.models import train_tokenizer
 from defense.types import Api, Prompt, RequestContext, Usage
 
-from ..aggregate import Delta, Gain, Spec, build_rows, subtrack
+from ..aggregate import Delta, Gain, Spec, add_matched_gain, build_rows, subtrack
 from ..api import TeacherAPI
 from ..attacks import account_id, probes
-from ..config import SAMPLING_TEMPERATURE, AttackConfig, ReasoningTrack
+from ..config import (
+    SAMPLING_TEMPERATURE,
+    AttackConfig,
+    DefenseEntry,
+    ReasoningTrack,
+    defenses_for,
+    harness_prepared,
+)
 from ..generate import generate
 from ..runner import Cell
+from ..summarize import MATCHED, MATCHED_REF
 from ..train import build_seq_data, train_lm_student
 from . import TrackRunner
+from .adsproxy import PreparedProxy, prepare_proxy
 from .arithmetic import Problem, parse_answer, problems, solve
 from .lm import stable_seed
 from .lmcommon import build_student, train_or_load_teacher
@@ -37,9 +49,11 @@ SEQ_LEN = 128  # a problem and its trace are about 45 tokens: two to three per t
 SPEC = Spec(
     x="teacher_acc_loss_pts",
     y="gain_erased",
-    columns=("student_acc", "gain_erased", "teacher_acc", "teacher_acc_loss_pts", "traces_kept", "traces_correct"),
+    columns=("student_acc", "gain_erased", MATCHED, MATCHED_REF, "teacher_acc", "teacher_acc_loss_pts",
+             "traces_kept", "traces_correct", "traces_changed"),
     gains=(Gain("gain_erased", "student_acc", "student_acc", "student_acc0", floor_from="baseline"),),
     deltas=(Delta("teacher_acc_loss_pts", "teacher_acc", 100.0),),
+    plots=(("teacher_acc", "student_acc"),),  # the antidistillation paper's plot: one curve per defense
 )
 
 
@@ -60,6 +74,40 @@ class ReasoningRunner(TrackRunner):
         self.eval_set = problems(cfg.eval_problems, ts + 50_000, **kw)
         # the teacher undefended, greedy: the reference a legitimate user compares against
         self.teacher_acc_greedy = self.accuracy(self.teacher, self.eval_set)
+        self.proxy: PreparedProxy | None = None
+        self._greedy: dict[int, dict[str, list[int]]] = {}  # one seed's clean greedy traces, by prompt
+        if any(harness_prepared(e) for e in defenses_for(self.env.study, "reasoning")):
+            # antidistillation sampling: a proxy and its gradient on problems no cell evaluates or queries
+            exclude = [p.prompt for p in self.eval_set]
+            for s in self.env.study.seeds:
+                exclude += [p.prompt for p in self.attack_set(s)]
+            self.proxy = prepare_proxy(
+                self.env.teacher_dir("reasoning_proxy"), cfg.proxy, teacher=self.teacher, tokenizer=self.tok,
+                build=lambda spec, seed: build_student(spec, self.tok, max_positions=SEQ_LEN, seed=seed,
+                                                       device=self.env.device),
+                seed=ts, problem_kw=kw, exclude=exclude, seq_len=SEQ_LEN, gen_tokens=cfg.gen_tokens,
+                gen_batch=cfg.gen_batch, device=self.env.device)
+
+    def changed(self, got: list[tuple[Problem, list[int], list[int]]], seed: int) -> float:
+        """Fraction of ``got``'s traces that differ from the bare teacher's greedy trace of the same problem."""
+        if seed not in self._greedy:
+            items = self.attack_set(seed)
+            gens = generate(self.teacher, self.encode([p.prompt for p in items]), max_new_tokens=self.cfg.gen_tokens,
+                            temperature=0.0, eos_id=self.eos, seed=0, batch_size=self.cfg.gen_batch,
+                            stop_at_eos=True, desc="greedy traces")
+            self._greedy = {seed: {p.prompt: g.tokens for p, g in zip(items, gens, strict=True)}}
+        clean = self._greedy[seed]
+        return sum(t[2] != clean.get(t[0].prompt) for t in got) / max(1, len(got))
+
+    def attack_set(self, seed: int) -> list[Problem]:
+        """The distiller's problems in the cells of ``seed``."""
+        return problems(self.cfg.queries, self.env.study.teacher_seed + 60_000 + seed, **self._kw)
+
+    def entry_for(self, entry: DefenseEntry | None) -> DefenseEntry | None:
+        """The cell's entry with the prepared proxy and gradient filled in where the harness provides them."""
+        if entry is None or self.proxy is None or not harness_prepared(entry):
+            return entry
+        return replace(entry, params=MappingProxyType({**entry.params, **self.proxy.params()}))
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
         return self.tok(prompts, add_special_tokens=False)["input_ids"]
@@ -115,8 +163,8 @@ class ReasoningRunner(TrackRunner):
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         cfg = self.cfg
         temperature = self.temperature_of(cell)
-        attack_set = problems(cfg.queries, self.env.study.teacher_seed + 60_000 + cell.seed, **self._kw)
-        with self.env.api(cell.entry, cell.value) as api:
+        attack_set = self.attack_set(cell.seed)
+        with self.env.api(self.entry_for(cell.entry), cell.value) as api:
             served = self.serve(api, self.eval_set, who="user", attack=PLAIN, temperature=temperature, seed=cell.seed)
             traces = self.serve(api, attack_set, who="distiller", attack=cell.attack, temperature=temperature,
                                 seed=cell.seed)
@@ -131,6 +179,8 @@ class ReasoningRunner(TrackRunner):
         out: dict[str, Any] = {
             "temperature": temperature, "teacher_acc": teacher_acc, "teacher_acc_greedy": self.teacher_acc_greedy,
             "traces_kept": len(keep) / max(1, len(traces)), "traces_correct": sum(correct) / max(1, len(got)),
+            # how many served traces differ from what the undefended teacher writes greedily
+            "traces_changed": self.changed(got, cell.seed),
             "refusals": refusals,
         }
         if cell.is_baseline:
@@ -152,8 +202,16 @@ class ReasoningRunner(TrackRunner):
             return {k: v for k, v in result.items() if isinstance(v, (int, float))}
 
         rows = build_rows(records, pick, SPEC, bootstrap=self.env.study.bootstrap)
-        for row in rows:  # the temperature control: summarize compares other defenses against its curve
+        for row in rows:  # the temperature control: other defenses are compared against its curve
             row["is_temperature"] = row.get("type") == SAMPLING_TEMPERATURE
+        add_matched_gain(rows, is_reference=lambda r: bool(r.get("is_temperature")), x="teacher_acc",
+                         score="student_acc", floor="student_acc0", name=MATCHED, ref_name=MATCHED_REF,
+                         bootstrap=self.env.study.bootstrap)
+        extra: dict[str, Any] = {}
+        if self.proxy is not None:
+            rec = self.proxy.record
+            extra["proxy"] = {"parameters": rec.get("proxy_parameters"), "teacher_parameters": rec.get("teacher_parameters"),
+                              "holdout_loss": rec.get("holdout_loss")}
         return {"reasoning": subtrack(rows, SPEC, teacher_acc_greedy=self.teacher_acc_greedy,
                                       base_temperature=self.cfg.base_temperature,
-                                      constraint={"teacher_acc_loss_pts_max": self.cfg.acc_loss_max_pts})}
+                                      constraint={"teacher_acc_loss_pts_max": self.cfg.acc_loss_max_pts}, **extra)}

@@ -155,3 +155,41 @@ def test_stand_in_defenses_exercise_the_sampling_and_admission_paths(tmp_path):
     assert budget["none"]["distiller_admitted"]["mean"] == 120
     assert budget["cap(max_requests=30)"]["legit_refused_pts"]["mean"] == 0.0  # 10 requests each, under 30
     assert "## budget" in (out / "report.md").read_text() and (out / "curve_budget.png").exists()
+
+
+def test_antidistill_runs_on_the_reasoning_track_with_a_prepared_proxy(tmp_path):
+    """The harness builds the proxy and its gradient once, fills them into the antidistill entry, and the
+    defense acts the same in process and through a sidecar; a resumed run reuses the proxy."""
+    doc = {
+        "name": "ads", "seeds": [0], "bootstrap": 20,
+        "defenses": [{"name": "temperature", "type": "sampling_temperature", "param": "t", "values": [1.0]},
+                     {"name": "ads", "type": "antidistill", "param": "lam", "values": [5.0]}],
+        "tracks": {
+            "classifier": {"enabled": False}, "lm": {"enabled": False},
+            "reasoning": {"min_steps": 1, "max_steps": 1, "teacher_problems": 500, "teacher_steps": 20,
+                          "student_steps": 10, "queries": 24, "eval_problems": 16, "gen_tokens": 24,
+                          "proxy": {"problems": 30, "steps": 5, "batch": 8, "holdout": 10},
+                          "attacks": [{"name": "base"}, {"name": "filtered", "filter_correct": True}]},
+        },
+    }
+    cfg = tmp_path / "ads.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    _run([str(cfg), "--out", str(tmp_path / "inproc")])
+    _run([str(cfg), "--out", str(tmp_path / "grpc"), "--set", "api.path=sidecar"])
+    recipe = tmp_path / "inproc" / "teachers" / "reasoning_proxy" / "recipe.json"
+    assert json.loads(recipe.read_text())["proxy_parameters"] <= 0.25 * json.loads(recipe.read_text())["teacher_parameters"]
+    a = json.loads((tmp_path / "inproc" / "metrics.json").read_text())["tracks"]["reasoning"]
+    b = json.loads((tmp_path / "grpc" / "metrics.json").read_text())["tracks"]["reasoning"]
+    rows = {(r["attack"], r["label"]): r["metrics"] for r in a["rows"]}
+    assert rows[("base", "ads(lam=5.0)")]["traces_changed"]["mean"] > 0  # the defense bent the traces
+    assert rows[("base", "none")]["traces_changed"]["mean"] == 0  # greedy: the bare teacher's traces
+    assert "gain_erased_vs_temperature" in rows[("base", "ads(lam=5.0)")]
+    for ra, rb in zip(a["rows"], b["rows"], strict=True):
+        for key in ("teacher_acc", "student_acc", "traces_changed"):  # NaN: a filter that kept no trace
+            assert ra["metrics"][key]["mean"] == pytest.approx(rb["metrics"][key]["mean"], abs=1e-9, nan_ok=True), key
+    # resumed: the proxy and its gradient are reused, not rebuilt
+    stamp = recipe.stat().st_mtime_ns
+    next((tmp_path / "inproc" / "cells").rglob("seed0.json")).unlink()
+    _run([str(cfg), "--out", str(tmp_path / "inproc")])
+    assert recipe.stat().st_mtime_ns == stamp
+    assert (tmp_path / "inproc" / "reasoning_student_acc_vs_teacher_acc.png").exists()

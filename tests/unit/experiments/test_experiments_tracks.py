@@ -23,7 +23,8 @@ SUMMARY_KEYS = {
     "classifier_indist": {"defense", "clone_acc_drop_pts", "benign_loss_pts"},
     "lm_logprob": {"defense", "logprob_extra_gain_erased", "top1_agreement", "mean_tv"},
     "lm_radioactivity": {"student_tokens", "log10_p", "clean_students", "clean_false_positives"},
-    "reasoning": {"defense", "gain_erased_vs_temperature", "teacher_acc_loss_pts"},
+    # the issue's keys, and each attack's value (the correctness-filtering attacker's too)
+    "reasoning": {"defense", "gain_erased_vs_temperature", "teacher_acc_loss_pts", "by_attack"},
 }
 
 
@@ -176,12 +177,23 @@ def test_summary_has_exactly_the_issue_keys_and_applies_the_constraints(tmp_path
     lm = {"spec": _spec("mean_tv", "logprob_extra_gain_erased", []),
           "constraint": {"top1_agreement_min": 1.0, "mean_tv_max": 0.1},
           "rows": [_row("k(s=1)", {"logprob_extra_gain_erased": 0.8, "top1_agreement": 0.99, "mean_tv": 0.05}),
-                   _row("k(s=2)", {"logprob_extra_gain_erased": 0.6, "top1_agreement": 1.0, "mean_tv": 0.08})]}
+                   _row("k(s=2)", {"logprob_extra_gain_erased": 0.6, "top1_agreement": 1.0, "mean_tv": 0.08}),
+                   # a watermark's logprobs are what it served: TV 0 says nothing of its cost
+                   _row("watermark(delta=4.0)", {"logprob_extra_gain_erased": 4.0, "top1_agreement": 1.0,
+                                                 "mean_tv": 0.0}, type="watermark")]}
+    def rs_row(label, acc, student, **extra):
+        row = _row(label, {"teacher_acc": acc, "student_acc": student, "student_acc0": 0.0,
+                           "teacher_acc_loss_pts": 100 * (1 - acc)}, **extra)
+        for m in row["metrics"].values():
+            m["values"] = [m["mean"]]
+        return row
+
     rs = {"spec": _spec("teacher_acc_loss_pts", "gain_erased", []), "constraint": {"teacher_acc_loss_pts_max": 2.0},
-          "rows": [_row("none", {"gain_erased": 0.0, "teacher_acc_loss_pts": 0.0}, is_temperature=False),
-                   _row("temp(t=1)", {"gain_erased": 0.2, "teacher_acc_loss_pts": 2.0}, is_temperature=True),
-                   _row("temp(t=2)", {"gain_erased": 0.6, "teacher_acc_loss_pts": 10.0}, is_temperature=True),
-                   _row("ads(l=1)", {"gain_erased": 0.5, "teacher_acc_loss_pts": 1.0}, is_temperature=False)]}
+          "rows": [rs_row("none", 1.0, 0.9, is_temperature=False),
+                   rs_row("temp(t=1)", 0.98, 0.8, is_temperature=True),
+                   rs_row("temp(t=2)", 0.9, 0.6, is_temperature=True),
+                   rs_row("ads(l=1)", 0.99, 0.51, is_temperature=False, type="antidistill"),
+                   rs_row("ads(l=2)", 0.97, 0.1, is_temperature=False, type="antidistill")]}
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps(_metrics({"classifier_ood": cls, "lm_logprob": lm, "reasoning": rs})))
@@ -190,9 +202,12 @@ def test_summary_has_exactly_the_issue_keys_and_applies_the_constraints(tmp_path
     # a breaks the benign constraint; b's worst case over attacks counts
     assert s["classifier_ood"] == {"defense": "b(s=1)", "clone_acc_drop_pts": 18.0, "benign_loss_pts": 0.0}
     assert s["classifier_indist"]["defense"] is None
-    assert s["lm_logprob"]["defense"] == "k(s=2)"  # k(s=1) changes the top-1
-    # the temperature curve at 1 point of accuracy loss is 0.1: ads erases 0.4 more
-    assert s["reasoning"] == {"defense": "ads(l=1)", "gain_erased_vs_temperature": 0.4, "teacher_acc_loss_pts": 1.0}
+    assert s["lm_logprob"]["defense"] == "k(s=2)"  # k(s=1) changes the top-1; the watermark is no candidate
+    # temperature's student at the same teacher accuracy (0.99) is 0.85: ads(l=1) erases 1 - 0.51 / 0.85 of
+    # its gain; ads(l=2) erases more but costs 3 points of teacher accuracy
+    r = s["reasoning"]
+    assert r["defense"] == "ads(l=1)" and r["teacher_acc_loss_pts"] == pytest.approx(1.0)
+    assert r["gain_erased_vs_temperature"] == pytest.approx(0.4) and set(r["by_attack"]) == {"base"}
     assert s["lm_radioactivity"]["log10_p"] is None
 
 
