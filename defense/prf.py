@@ -31,6 +31,8 @@ def _signed(c: int) -> int:
 _C1 = _signed(0xBF58476D1CE4E5B9)
 _C2 = _signed(0x94D049BB133111EB)
 _GOLDEN = _signed(0x9E3779B97F4A7C15)  # 2**64 / phi: spreads consecutive inputs across the word
+_C1_U, _C2_U, _GOLDEN_NP = np.uint64(_C1 & _M64), np.uint64(_C2 & _M64), np.int64(_GOLDEN)
+_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
 _LOW24 = float(2**-24)
 _LOW53 = float(2**-53)
 
@@ -44,14 +46,25 @@ def _srl(x: Any, s: int) -> Any:
     return (x >> s) & ((1 << (64 - s)) - 1)
 
 
+def _mix64_np(x: np.ndarray) -> np.ndarray:
+    # in place on an unsigned copy: logical shifts and wrapping products with no masks, a handful of calls
+    # on the hot path (a [16, 5] response pays for the calls, not the arithmetic). Arrays wrap silently;
+    # a 0-d input goes through as a 1-element array, so numpy's scalar overflow warning never fires.
+    if x.ndim == 0:
+        return _mix64_np(x.reshape(1))[0]
+    u = x.astype(np.uint64)
+    u ^= u >> _S30
+    u *= _C1_U
+    u ^= u >> _S27
+    u *= _C2_U
+    u ^= u >> _S31
+    return u.view(np.int64)
+
+
 def mix64(x: Any) -> Any:
     """splitmix64's finalizer: a bijection on 64-bit words with full avalanche. int64 in, int64 out."""
     if not _is_torch(x):
-        with np.errstate(over="ignore"):
-            x = np.asarray(x, dtype=np.int64)
-            x = (x ^ _srl(x, 30)) * np.int64(_C1)
-            x = (x ^ _srl(x, 27)) * np.int64(_C2)
-            return x ^ _srl(x, 31)
+        return _mix64_np(np.asarray(x, dtype=np.int64))
     x = (x ^ _srl(x, 30)) * _C1
     x = (x ^ _srl(x, 27)) * _C2
     return x ^ _srl(x, 31)
@@ -66,9 +79,14 @@ def hash_combine(seed: Any, *parts: Any) -> Any:
     for part in parts:
         if _is_torch(part):
             h = mix64(part * _GOLDEN + h)
-        else:
+            continue
+        p = np.asarray(part, dtype=np.int64)
+        hh = np.asarray(h, dtype=np.int64)
+        if p.ndim == 0 and hh.ndim == 0:
             with np.errstate(over="ignore"):
-                h = mix64(np.asarray(part, dtype=np.int64) * np.int64(_GOLDEN) + np.asarray(h, dtype=np.int64))
+                h = mix64(p * _GOLDEN_NP + hh)
+        else:
+            h = _mix64_np(p * _GOLDEN_NP + hh)
     return h if parts else mix64(h)
 
 

@@ -23,19 +23,20 @@ from .ops import shift_logprobs
 __all__ = ["LogitShift", "Reshape", "as_logprobs", "column_ids", "from_logprobs", "temperature_scale"]
 
 
-def as_logprobs(batch: LogprobBatch) -> np.ndarray:
-    """[P, K] float64 logprobs; a probability of 0 becomes -inf, missing slots -inf."""
+def as_logprobs(batch: LogprobBatch, present: np.ndarray | None = None) -> np.ndarray:
+    """[P, K] float64 logprobs; a probability of 0 becomes -inf, missing slots -inf (``present``:
+    ``batch.present``, when the caller has it already)."""
     v = batch.values.astype(np.float64)
     if batch.kind is OutputKind.PROBABILITIES:
         with np.errstate(divide="ignore"):
             v = np.log(v)
-    return np.where(batch.present, v, -np.inf)
+    return np.where(batch.present if present is None else present, v, -np.inf)
 
 
-def from_logprobs(lp: np.ndarray, batch: LogprobBatch) -> np.ndarray:
+def from_logprobs(lp: np.ndarray, batch: LogprobBatch, present: np.ndarray | None = None) -> np.ndarray:
     """Back to the batch's kind and float32; missing slots keep the values they came with."""
     out = np.exp(lp) if batch.kind is OutputKind.PROBABILITIES else lp
-    return np.where(batch.present, out, batch.values).astype(np.float32)
+    return np.where(batch.present if present is None else present, out, batch.values).astype(np.float32)
 
 
 def column_ids(batch: LogprobBatch) -> np.ndarray:
@@ -72,37 +73,43 @@ class LogitShift(ResponseDefense):
     def apply(self, batch: LogprobBatch, ctx: RequestContext) -> LogprobBatch:
         if batch.values.size == 0 or self.strength(ctx) == 0:
             return batch
-        lp = as_logprobs(batch)
+        present = batch.present
+        lp = as_logprobs(batch, present)
         ids = column_ids(batch)
         rows = np.arange(lp.shape[0])[:, None]
         scale = temperature_scale(batch)
-        d = self.delta(batch, ctx, ids, rows) * scale
-        new, shift = shift_logprobs(lp, batch.present, d, keep_argmax=self.keep_argmax,
+        with_sampled = batch.sampled_values is not None and batch.sampled_token_ids is not None
+        if with_sampled:
+            # the sampled tokens' moves in the same call, as one more column: one pass of the PRF, not two
+            sid = batch.sampled_token_ids[:, None]  # type: ignore[index]
+            d = self.delta(batch, ctx, np.concatenate([ids, sid], axis=1), rows) * scale
+            d, d_sampled = d[:, :-1], d[:, -1]
+        else:
+            d = self.delta(batch, ctx, ids, rows) * scale
+        new, shift = shift_logprobs(lp, present, d, keep_argmax=self.keep_argmax,
                                     normalize=batch.kind is OutputKind.PROBABILITIES)
-        sampled = batch.sampled_values
-        if sampled is not None and batch.sampled_token_ids is not None:
-            sampled = self._sampled(batch, ctx, new, shift, scale)
-        return replace(batch, values=from_logprobs(new, batch), sampled_values=sampled)
+        sampled = (self._sampled(batch, ids, present, new, shift, d_sampled) if with_sampled
+                   else batch.sampled_values)
+        return replace(batch, values=from_logprobs(new, batch, present), sampled_values=sampled)
 
-    def _sampled(self, batch: LogprobBatch, ctx: RequestContext, new: np.ndarray, shift: np.ndarray,
-                 scale: float) -> np.ndarray:
-        """The sampled token's value, consistent with the perturbed alternatives.
+    def _sampled(self, batch: LogprobBatch, ids: np.ndarray, present: np.ndarray, new: np.ndarray,
+                 shift: np.ndarray, d_sampled: np.ndarray) -> np.ndarray:
+        """The sampled token's value, consistent with the perturbed alternatives (``d_sampled``: its move).
 
         In the top-k: its perturbed value. Outside: the same logit move and renormalizing shift, and never
         above the smallest returned alternative (a token outside the top-k cannot outrank it).
         """
         assert batch.sampled_token_ids is not None and batch.sampled_values is not None  # noqa: S101 - caller checks
         sid = batch.sampled_token_ids[:, None]
-        hit = (column_ids(batch) == sid) & batch.present
+        hit = (ids == sid) & present
         in_topk = hit.any(axis=1)
         from_topk = np.where(hit, new, -np.inf).max(axis=1)
         s = batch.sampled_values.astype(np.float64)
         if batch.kind is OutputKind.PROBABILITIES:
             with np.errstate(divide="ignore"):
                 s = np.log(s)
-        rows = np.arange(len(s))[:, None]
-        moved = s + self.delta(batch, ctx, sid, rows)[:, 0] * scale - shift[:, 0]
-        floor = np.where(batch.present, new, np.inf).min(axis=1)
+        moved = s + d_sampled - shift[:, 0]
+        floor = np.where(present, new, np.inf).min(axis=1)
         out = np.where(in_topk, from_topk, np.minimum(moved, floor))
         out = np.minimum(out, 0.0)
         if batch.kind is OutputKind.PROBABILITIES:
