@@ -8,6 +8,7 @@ difference is one number per row and cancels in the softmax.
 Each copy keeps a KV cache for the batch it saw last. A decode step that extends every row by one token
 feeds only those tokens; any other change of the batch (rows added, removed, reordered, prefixes
 rewritten) rebuilds the cache from the left-padded prefixes, so the answer is always the full-prefix one.
+A Llama proxy runs through ``defense.models.fastpath.LlamaDecoder`` (same logits, less per-step overhead).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from ..models.fastpath import LlamaDecoder, supported
 
 __all__ = ["PerturbedPair"]
 
@@ -35,6 +38,9 @@ class PerturbedPair:
         self._keys: tuple[Any, ...] | None = None  # the batch the caches hold: (row key, length) per row
         self._caches: list[Any] = [None, None]
         self._mask: torch.Tensor | None = None
+        # a Llama proxy runs through the lean decoder (the same logits, a fraction of transformers' per-step
+        # plumbing, which dominates at proxy sizes); other architectures through their own forward
+        self._lean = tuple(LlamaDecoder(m) for m in self.models) if supported(proxy) else None
 
     def _moved(self, proxy: Any, grad: dict[str, torch.Tensor], step: float) -> Any:
         m = copy.deepcopy(proxy).to(self.device, torch.float32).eval()
@@ -80,12 +86,19 @@ class PerturbedPair:
             ids[i, width - len(p):] = torch.tensor(list(p), device=self.device).clamp_(0, self.vocab_size - 1)
             mask[i, width - len(p):] = 1
         self._mask = mask
+        if self._lean is not None:
+            return self._combine([d.prefill(ids, mask) for d in self._lean])
         return self._run(ids, mask, fresh=True)
 
     def _step(self, last: torch.Tensor) -> torch.Tensor:
         assert self._mask is not None  # noqa: S101 - only called with live caches
         self._mask = torch.cat([self._mask, torch.ones_like(last)], dim=1)
+        if self._lean is not None:
+            return self._combine([d.step(last.clamp(0, self.vocab_size - 1)) for d in self._lean])
         return self._run(last.clamp(0, self.vocab_size - 1), self._mask, fresh=False)
+
+    def _combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        return (logits[0].float() - logits[1].float()) / (2.0 * self.epsilon)
 
     def _run(self, ids: torch.Tensor, mask: torch.Tensor, *, fresh: bool) -> torch.Tensor:
         positions = (mask.cumsum(dim=1) - 1).clamp_(min=0)[:, -ids.shape[1]:]
@@ -95,5 +108,5 @@ class PerturbedPair:
             # logits_to_keep=1: only the last position's head, not [B, T, V]
             out = m(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **kw)
             self._caches[i] = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-            logits.append(out.logits[:, -1].float())
-        return (logits[0] - logits[1]) / (2.0 * self.epsilon)
+            logits.append(out.logits[:, -1])
+        return self._combine(logits)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["last_hidden_states", "supported"]
+__all__ = ["LlamaDecoder", "last_hidden_states", "supported"]
 
 _ROPE_CACHE_MAX = 64  # sequence lengths remembered per model
 
@@ -87,3 +87,70 @@ def last_hidden_states(model: Any, ids: torch.Tensor) -> torch.Tensor:
         mlp = layer.mlp
         x = x + _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
     return _rms(x, lm.norm)
+
+
+class LlamaDecoder:
+    """Next-token logits for a batch of left-padded prefixes, with a KV cache, on a supported Llama.
+
+    For antidistillation sampling's proxy pair: ``prefill`` takes the padded prefixes and their 0/1 mask,
+    ``step`` one new token per row; each returns [B, V] logits at the last position. Padded positions
+    attend to themselves only (finite garbage nobody reads); every real position sees exactly what
+    transformers' model would show it. Call under ``torch.inference_mode()``.
+    """
+
+    def __init__(self, model: Any) -> None:
+        if not supported(model):
+            raise ValueError("LlamaDecoder needs a LlamaForCausalLM (see fastpath.supported)")
+        self.model = model
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+        self._keep: torch.Tensor | None = None  # [B, T] bool: which cached positions are real
+        self._pos: torch.Tensor | None = None  # [B] the position id of each row's last token
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = mask.bool()
+        positions = (mask.cumsum(dim=1) - 1).clamp_(min=0)
+        t = ids.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril_()
+        allowed = (causal[None] & keep[:, None, :]) | torch.eye(t, dtype=torch.bool, device=ids.device)[None]
+        self._k, self._v = [], []
+        out = self._forward(ids, positions, allowed[:, None], cache=False)
+        self._keep, self._pos = keep, positions[:, -1]
+        return out
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        assert self._keep is not None and self._pos is not None  # noqa: S101 - prefill first
+        self._pos = self._pos + 1
+        self._keep = torch.cat([self._keep, torch.ones_like(ids, dtype=torch.bool)], dim=1)
+        return self._forward(ids, self._pos[:, None], self._keep[:, None, None, :], cache=True)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, *, cache: bool) -> torch.Tensor:
+        model, cfg = self.model, self.model.config
+        lm = model.model
+        b, t = ids.shape
+        x = F.embedding(ids, lm.embed_tokens.weight)
+        cos, sin = lm.rotary_emb(x, positions)
+        cos, sin = cos[:, None], sin[:, None]
+        for i, layer in enumerate(lm.layers):
+            attn = layer.self_attn
+            n_heads, n_kv, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
+            h = _rms(x, layer.input_layernorm)
+            q = _linear(attn.q_proj, h).view(b, t, n_heads, head_dim).transpose(1, 2)
+            k = _linear(attn.k_proj, h).view(b, t, n_kv, head_dim).transpose(1, 2)
+            v = _linear(attn.v_proj, h).view(b, t, n_kv, head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            if cache:
+                k = self._k[i] = torch.cat([self._k[i], k], dim=2)
+                v = self._v[i] = torch.cat([self._v[i], v], dim=2)
+            else:
+                self._k.append(k)
+                self._v.append(v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=attn.scaling,
+                                               enable_gqa=n_kv != n_heads)
+            x = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, t, n_heads * head_dim))
+            h = _rms(x, layer.post_attention_layernorm)
+            mlp = layer.mlp
+            x = x + _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
+        last = _rms(x[:, -1], lm.norm)
+        return _linear(model.get_output_embeddings(), last)

@@ -91,7 +91,8 @@ def generate(
                 mask[r, width - len(p):] = 1
             processors = LogitsProcessorList()
             if defense is not None:
-                processors.append(DefenseLogitsProcessor(defense, ctxs[start : start + len(chunk)]))
+                processors.append(DefenseLogitsProcessor(defense, ctxs[start : start + len(chunk)],
+                                                         pad_lengths=[width - len(p) for p in chunk]))
             with torch.inference_mode():
                 gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                                      logits_processor=processors)

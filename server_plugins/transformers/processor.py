@@ -2,8 +2,10 @@
 
 transformers calls custom processors after its own (repetition penalty, ...) and before the
 temperature and top-k/top-p warpers, so the defense sees pre-temperature logits, as the interface
-says. ``input_ids`` (prompt plus generated tokens, left-padded) go to the defense as a ``[B, L]``
-tensor: its per-row context is read on device, with no Python work per row.
+says. ``input_ids`` (prompt plus generated tokens) go to the defense as a ``[B, L]`` tensor, its
+per-row context read on device with no Python work per row, when no row is padded. Rows of a batch
+left-padded to one width (``pad_lengths``) go as lists without their padding: a defense that reads the
+whole prefix (antidistillation sampling's proxy) must not take pad tokens for context.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class DefenseLogitsProcessor(LogitsProcessor):
     (``num_return_sequences``), each prompt's context is repeated for its copies, in order.
     """
 
-    def __init__(self, defense: object, ctxs: RequestContext | Sequence[RequestContext]) -> None:
+    def __init__(self, defense: object, ctxs: RequestContext | Sequence[RequestContext],
+                 pad_lengths: Sequence[int] | None = None) -> None:
         if not hasattr(defense, "process_logits"):
             raise TypeError(f"{type(defense).__name__} has no process_logits; pass a SamplingDefense or DefenseChain")
         self.defense = defense
@@ -33,6 +36,11 @@ class DefenseLogitsProcessor(LogitsProcessor):
         if not self.ctxs:
             raise ValueError("need at least one RequestContext")
         self._expanded: dict[int, tuple[RequestContext, ...]] = {}
+        self.pad_lengths = tuple(int(n) for n in pad_lengths) if pad_lengths is not None else ()
+        if self.pad_lengths and len(self.pad_lengths) != len(self.ctxs):
+            raise ValueError(f"{len(self.pad_lengths)} pad lengths for {len(self.ctxs)} request contexts")
+        if any(n < 0 for n in self.pad_lengths):
+            raise ValueError("pad lengths must be >= 0")
 
     def contexts(self, batch: int) -> tuple[RequestContext, ...]:
         out = self._expanded.get(batch)
@@ -44,5 +52,11 @@ class DefenseLogitsProcessor(LogitsProcessor):
         return out
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        out = self.defense.process_logits(scores.float(), input_ids, self.contexts(scores.shape[0]))  # type: ignore[attr-defined]
+        batch = scores.shape[0]
+        prefixes: torch.Tensor | list[list[int]] = input_ids
+        if any(self.pad_lengths):
+            copies = batch // len(self.ctxs)  # contexts() checked that it divides
+            pads = [n for n in self.pad_lengths for _ in range(copies)]
+            prefixes = [row[n:] for row, n in zip(input_ids.tolist(), pads, strict=True)]
+        out = self.defense.process_logits(scores.float(), prefixes, self.contexts(batch))  # type: ignore[attr-defined]
         return out.to(scores.dtype)

@@ -47,6 +47,31 @@ def test_contexts_follow_num_return_sequences(kgw):
         DefenseLogitsProcessor(object(), ctx())
 
 
+class _Recorder:
+    """A sampling defense that changes nothing and keeps the prefixes it was shown."""
+
+    def __init__(self):
+        self.seen = []
+
+    def process_logits(self, logits, prefixes, ctxs):
+        self.seen.append([list(map(int, p)) for p in prefixes])
+        return logits
+
+
+def test_padded_rows_reach_the_defense_without_their_padding(model):
+    prompts = [[5, 6, 7, 8], [9], [10, 11]]
+    rec = _Recorder()
+    with one_thread():
+        out = generate(model, prompts, defense=rec, max_new_tokens=3, temperature=0.0, stop_at_eos=False)
+    assert rec.seen[0] == prompts  # the first step: each prompt alone, no pad token in front
+    assert rec.seen[-1] == [p + o[:2] for p, o in zip(prompts, out, strict=True)]
+    proc = DefenseLogitsProcessor(rec, [ctx(0), ctx(1)], pad_lengths=[0, 2])  # copies share their prompt's pad
+    proc(torch.tensor([[1, 2, 3], [1, 2, 3], [0, 0, 4], [0, 0, 4]]), torch.zeros(4, 300))
+    assert rec.seen[-1] == [[1, 2, 3], [1, 2, 3], [4], [4]]
+    with pytest.raises(ValueError, match="pad lengths"):
+        DefenseLogitsProcessor(rec, [ctx(0)], pad_lengths=[0, 1])
+
+
 def test_generate_with_a_watermark_marks_the_text(model, kgw):
     with one_thread():
         prompts = [[5, 6, 7], [8, 9], [10]]
