@@ -21,8 +21,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -211,42 +209,6 @@ def _write_config(source: Path, tmp: Path, *, ext_proc: bool) -> tuple[Path, dic
     return path, doc
 
 
-class _TransformersServer:
-    """``python -m server_plugins.transformers.server`` (the fallback engine) on a free port."""
-
-    def __init__(self, model: Path, tmp: Path, config: Path, *, middleware: bool) -> None:
-        cmd = [sys.executable, "-m", "server_plugins.transformers.server", "--model", str(model),
-               "--served-model-name", MODEL_NAME, "--port", "0", "--config", str(config),
-               "--logprobs-mode", "processed"]
-        if middleware:
-            cmd += ["--middleware", "server_plugins.openai.middleware.DistillGuardMiddleware"]
-        env = {**os.environ, "DISTILLGUARD_CONFIG": str(config)}
-        self.log_path = tmp / "engine.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - the child's stderr for its whole life
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT, env=env,
-                                     stdin=subprocess.DEVNULL)
-        try:
-            line = self.proc.stdout.readline()  # type: ignore[union-attr]
-            if not line.startswith("serving on "):
-                raise RuntimeError(f"the transformers server did not start: {self.log_path.read_text()[-3000:]}")
-            self.url = line.split()[-1]
-            self.address = self.url.removeprefix("http://")
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self._log.closed:
-            self._log.close()
-
-
 def post(url: str, body: dict[str, Any], token: str, timeout: float = 120) -> tuple[int, dict[str, str], Any]:
     """POST JSON with a bearer token: (status, lower-cased headers, parsed body or None)."""
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
@@ -324,7 +286,8 @@ def _install_signal_handlers() -> None:
 def run_stack_demo(config: str | os.PathLike[str] | None = None, *, keep_running: bool = False,
                    as_json: bool = False) -> int:
     from server_plugins.envoy.process import EnvoyProcess, find_envoy, render_config
-    from server_plugins.vllm.process import VLLMServer, vllm_python, why_no_vllm
+    from server_plugins.transformers.process import TransformersServer
+    from server_plugins.vllm.process import MIDDLEWARE, VLLMServer, vllm_python, why_no_vllm
 
     _install_signal_handlers()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no weight-loading bars in the report
@@ -346,7 +309,9 @@ def run_stack_demo(config: str | os.PathLike[str] | None = None, *, keep_running
         else:
             say(f"engine: {why_no_vllm()}")
             say("engine: falling back to server_plugins.transformers.server (the same plugin API, in-process)")
-            engine = _TransformersServer(model, tmp, cfg, middleware=not use_envoy)
+            engine = TransformersServer(model, tmp / "engine.log", served_model_name=MODEL_NAME, config=cfg,
+                                        logprobs_mode="processed", env={"DISTILLGUARD_CONFIG": str(cfg)},
+                                        middleware=() if use_envoy else (MIDDLEWARE,))
             engine_name = "transformers server (fallback: no .venvs/vllm)"
         stack.callback(engine.stop)
         say(f"engine: ready at {engine.url} (log {engine.log_path})")

@@ -12,14 +12,13 @@ import copy
 import json
 import os
 import shutil
-import signal
-import subprocess
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from defense.childproc import ChildProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "envoy.yaml"
@@ -65,8 +64,10 @@ def render_config(*, upstream: str, sidecar: str, listen: str = "127.0.0.1:0", a
     return doc
 
 
-class EnvoyProcess:
+class EnvoyProcess(ChildProcess):
     """``envoy -c CONFIG`` until stopped; ``url`` is the listener's base URL once ready."""
+
+    name = "envoy"
 
     def __init__(self, config: dict[str, Any], workdir: str | os.PathLike[str], *, binary: str | None = None,
                  ready_timeout_s: float = 30.0, name: str = "envoy") -> None:
@@ -80,39 +81,25 @@ class EnvoyProcess:
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.admin_path = self.dir / f"{name}.admin"
         self.admin_path.unlink(missing_ok=True)
-        self.log_path = self.dir / f"{name}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - open for the child's whole life
-        # --disable-hot-restart: no shared memory left in /dev/shm, and several Envoys can run at once
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(self.config_path), "--disable-hot-restart", "--log-level", "warn",
-             "--admin-address-path", str(self.admin_path), "--concurrency", "1"],
-            stdout=self._log, stderr=subprocess.STDOUT)
         self.admin = ""
         self.url = ""
-        try:
-            self._wait_ready(ready_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+        # --disable-hot-restart: no shared memory left in /dev/shm, and several Envoys can run at once
+        self._spawn([binary, "-c", str(self.config_path), "--disable-hot-restart", "--log-level", "warn",
+                     "--admin-address-path", str(self.admin_path), "--concurrency", "1"],
+                    log_path=self.dir / f"{name}.log")
+        self._ready(lambda: self._wait(ready_timeout_s))
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.log()}")
-            if not self.admin and self.admin_path.exists():
-                self.admin = "http://" + self.admin_path.read_text().strip()
-            if self.admin:
-                try:
-                    with urllib.request.urlopen(self.admin + "/ready", timeout=1) as r:
-                        ready = r.status == 200
-                    if ready:
-                        self.url = "http://" + self._listener_address()
-                        return
-                except OSError:
-                    pass
-            time.sleep(0.05)
-        raise RuntimeError(f"envoy not ready in {timeout} s:\n{self.log()}")
+    def _wait(self, timeout_s: float) -> None:
+        self.wait_until(self._is_ready, timeout_s)
+        self.url = "http://" + self._listener_address()
+
+    def _is_ready(self) -> bool:
+        if not self.admin and self.admin_path.exists():
+            self.admin = "http://" + self.admin_path.read_text().strip()
+        if not self.admin:
+            return False
+        with urllib.request.urlopen(self.admin + "/ready", timeout=1) as r:
+            return r.status == 200
 
     def _listener_address(self) -> str:
         with urllib.request.urlopen(self.admin + "/listeners?format=json", timeout=2) as r:
@@ -125,26 +112,3 @@ class EnvoyProcess:
         with urllib.request.urlopen(self.admin + "/stats?format=json", timeout=5) as r:
             doc = json.load(r)
         return {s["name"]: s["value"] for s in doc["stats"] if "value" in s and s["name"].startswith(prefix)}
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text()[-4000:]
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self._log.closed:
-            self._log.close()
-        return self.proc.returncode
-
-    def __enter__(self) -> EnvoyProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

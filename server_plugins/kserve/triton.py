@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -17,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from defense.childproc import ChildProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venvs" / "triton"
@@ -69,79 +70,19 @@ def export_classifier(model: Any, path: str | os.PathLike[str]) -> Path:
     return out
 
 
-class _Child:
-    """A child process in its own process group, so stopping it also stops what it started."""
-
-    proc: subprocess.Popen[str]
-    log_path: Path
+class _Child(ChildProcess):
+    """A child in its own process group, so stopping it also stops what it started (tritonserver)."""
 
     def _start(self, cmd: list[str], *, env: dict[str, str], log_path: Path, ready: re.Pattern[str],
                timeout_s: float) -> re.Match[str]:
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - open for the child's whole life
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
-                                     cwd=ROOT, start_new_session=True)
-        try:
-            return self._wait(ready, timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait(self, ready: re.Pattern[str], timeout_s: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout_s
-        out = self.proc.stdout
-        assert out is not None  # noqa: S101 - Popen was given stdout=PIPE
-        while time.monotonic() < deadline:
-            # wait for a line without blocking past the deadline (children print whole lines, flushed)
-            if select.select([out], [], [], 0.2)[0]:
-                line = out.readline()
-                m = ready.search(line)
-                if m:
-                    return m
-                if line:
-                    continue
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{type(self).__name__} exited with {self.proc.returncode}:\n{self.diagnosis()}")
-        self.dump_stacks()
-        raise RuntimeError(f"{type(self).__name__} not ready in {timeout_s} s:\n{self.diagnosis()}")
-
-    def dump_stacks(self) -> None:
-        """Children that registered faulthandler on SIGUSR1 print every thread's stack to their log."""
-
-    def diagnosis(self) -> str:
-        return self.log()
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text()[-6000:]
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        else:
-            # the leader is gone; anything it started (tritonserver) still belongs to its group
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if not self._log.closed:
-            self._log.close()
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._spawn(cmd, log_path=log_path, env=env, cwd=ROOT, pipe_stdout=True, group=True)
+        return self._ready(lambda: self.wait_for_line(ready, timeout_s))
 
 
 class TritonProcess(_Child):
     """``mlp_triton.py`` serving ``model`` from ``weights`` on free loopback ports."""
+
+    name = "TritonProcess"
 
     def __init__(self, weights: str | os.PathLike[str], workdir: str | os.PathLike[str], *, model: str = "mlp",
                  ready_timeout_s: float = 180.0) -> None:
@@ -177,6 +118,8 @@ class TritonProcess(_Child):
 
 class ProxyProcess(_Child):
     """``distillguard kserve-proxy`` with the given configs; ``target`` is where clients connect."""
+
+    name = "ProxyProcess"
 
     def __init__(self, config: str | os.PathLike[str], proxy_config: str | os.PathLike[str], *,
                  args: list[str] | None = None, env: dict[str, str] | None = None,

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
-import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+
+from defense.childproc import ChildProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venvs" / "vllm"
@@ -58,7 +57,7 @@ def _has_chat_template(model: Path) -> bool:
         return False
 
 
-class VLLMServer:
+class VLLMServer(ChildProcess):
     """vLLM's OpenAI server on ``host:port`` (a free port when 0) until stopped; ``url`` once healthy.
 
     ``config`` becomes ``DISTILLGUARD_CONFIG``: the engine's plugin runs its sampling defenses (signed
@@ -66,6 +65,8 @@ class VLLMServer:
     server too. Returned logprobs are ``logprobs_mode`` (processed: after the plugin, what the tests and
     the demo use; tell the front with ``front.engine_logprobs_mode``).
     """
+
+    name = "vLLM"
 
     def __init__(self, model: str | os.PathLike[str], workdir: str | os.PathLike[str], *,
                  config: str | os.PathLike[str] | None = None, middleware: bool = False,
@@ -110,60 +111,10 @@ class VLLMServer:
         child_env.update(env or {})
         self.url = f"http://{host}:{self.port}"
         self.address = f"{host}:{self.port}"
-        self.log_path = self.dir / f"{name}.log"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - the child's output for its whole life
         # its own session: stop() signals the API server and the engine core it spawned together
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=self.dir, env=child_env, start_new_session=True)
-        try:
-            self._wait_ready(ready_timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+        self._spawn(cmd, log_path=self.dir / f"{name}.log", env=child_env, cwd=self.dir, group=True)
+        self._ready(lambda: self.wait_until(self._healthy, ready_timeout_s, interval_s=0.5))
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"vLLM not healthy in {timeout:.0f} s:\n{self.log()}")
-
-    def log(self, chars: int = 6000) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM to the server's process group, SIGKILL after ``timeout``; idempotent."""
-        if self.proc.poll() is None:
-            _signal_group(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _signal_group(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        # the engine core may outlive the API server by a moment: make sure nothing of the group is left
-        _signal_group(self.proc.pid, signal.SIGKILL)
-        if not self._log.closed:
-            self._log.close()
-        return self.proc.returncode
-
-    def __enter__(self) -> VLLMServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    def _healthy(self) -> bool:
+        with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+            return r.status == 200

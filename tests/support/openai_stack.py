@@ -6,16 +6,14 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
-import os
-import subprocess
-import sys
-import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from server_plugins.transformers.process import TransformersServer
 
 from .asgi import sse_events  # noqa: F401 - re-exported for the tests
 from .sidecar import write_config
@@ -58,53 +56,16 @@ def engine_config(tmp: Path, keys: Path, defenses: list | None = None) -> Path:
     return path
 
 
-class ModelServer:
-    """``python -m server_plugins.transformers.server`` on a free port, until stopped."""
+class ModelServer(TransformersServer):
+    """The transformers server as the tests start it (model name ``tiny``), until stopped."""
 
     def __init__(self, model: Path, log_path: Path, *, config: Path | None = None, gzip: bool = False,
                  middleware: tuple[str, ...] = (), env: dict[str, str] | None = None, timeout_s: float = 120) -> None:
-        cmd = [sys.executable, "-m", "server_plugins.transformers.server", "--model", str(model),
-               "--served-model-name", "tiny", "--port", "0"]
-        if config:
-            cmd += ["--config", str(config)]
-        if gzip:
-            cmd.append("--gzip")
-        for m in middleware:
-            cmd += ["--middleware", m]
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - the child's stderr for its whole life
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=ROOT,
-                                     env={**os.environ, **(env or {})})
-        try:
-            line = self.proc.stdout.readline()  # type: ignore[union-attr]
-            if not line.startswith("serving on "):
-                raise RuntimeError(f"model server did not start: {line!r}\n{self.log()}")
-            self.url = line.split()[-1]
-            self.address = self.url.removeprefix("http://")
-            deadline = time.monotonic() + timeout_s
-            while call("GET", self.url + "/health").status != 200:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"model server not healthy:\n{self.log()}")
-                time.sleep(0.1)
-        except BaseException:
-            self.stop()
-            raise
+        super().__init__(model, log_path, config=config, gzip=gzip, middleware=middleware, env=env,
+                         timeout_s=timeout_s)
 
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text()[-4000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self._log.closed:
-            self._log.close()
+    def log(self, chars: int = 4000) -> str:
+        return super().log(chars)
 
 
 @dataclass
