@@ -10,6 +10,7 @@ tables per length; what it does not handle goes through the model unchanged (``s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -67,26 +68,39 @@ def last_hidden_states(model: Any, ids: torch.Tensor) -> torch.Tensor:
     attention over the whole sequence (no padding). Call under ``torch.inference_mode()``."""
     if not supported(model):
         return model.base_model(ids, use_cache=False).last_hidden_state
-    cfg = model.config
     lm = model.model
-    b, t = ids.shape
     x = F.embedding(ids, lm.embed_tokens.weight)
-    cos, sin = _rope(model, x, t)
-    for layer in lm.layers:
-        attn = layer.self_attn
-        n_heads, n_kv, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
-        h = _rms(x, layer.input_layernorm)
-        q = _linear(attn.q_proj, h).view(b, t, n_heads, head_dim).transpose(1, 2)
-        k = _linear(attn.k_proj, h).view(b, t, n_kv, head_dim).transpose(1, 2)
-        v = _linear(attn.v_proj, h).view(b, t, n_kv, head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=n_kv != n_heads)
-        x = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, t, n_heads * head_dim))
-        h = _rms(x, layer.post_attention_layernorm)
-        mlp = layer.mlp
-        x = x + _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
+    cos, sin = _rope(model, x, ids.shape[1])
+
+    def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, gqa: bool, _: int) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+
+    for i, layer in enumerate(lm.layers):
+        x = _block(model.config, layer, x, cos, sin, causal, i)
     return _rms(x, lm.norm)
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool, int], torch.Tensor]
+
+
+def _block(cfg: Any, layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
+           index: int) -> torch.Tensor:
+    """One decoder layer as transformers' LlamaDecoderLayer computes it; ``attend(q, k, v, scale, gqa,
+    index)`` is the attention itself (causal over the sequence, or over a cache)."""
+    b, t = x.shape[:2]
+    attn = layer.self_attn
+    n_heads, n_kv, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
+    h = _rms(x, layer.input_layernorm)
+    q = _linear(attn.q_proj, h).view(b, t, n_heads, head_dim).transpose(1, 2)
+    k = _linear(attn.k_proj, h).view(b, t, n_kv, head_dim).transpose(1, 2)
+    v = _linear(attn.v_proj, h).view(b, t, n_kv, head_dim).transpose(1, 2)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    o = attend(q, k, v, attn.scaling, n_kv != n_heads, index)
+    x = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, t, n_heads * head_dim))
+    h = _rms(x, layer.post_attention_layernorm)
+    mlp = layer.mlp
+    return x + _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
 
 
 class LlamaDecoder:
@@ -125,32 +139,21 @@ class LlamaDecoder:
         return self._forward(ids, self._pos[:, None], self._keep[:, None, None, :], cache=True)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, *, cache: bool) -> torch.Tensor:
-        model, cfg = self.model, self.model.config
+        model = self.model
         lm = model.model
-        b, t = ids.shape
         x = F.embedding(ids, lm.embed_tokens.weight)
         cos, sin = lm.rotary_emb(x, positions)
         cos, sin = cos[:, None], sin[:, None]
-        for i, layer in enumerate(lm.layers):
-            attn = layer.self_attn
-            n_heads, n_kv, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
-            h = _rms(x, layer.input_layernorm)
-            q = _linear(attn.q_proj, h).view(b, t, n_heads, head_dim).transpose(1, 2)
-            k = _linear(attn.k_proj, h).view(b, t, n_kv, head_dim).transpose(1, 2)
-            v = _linear(attn.v_proj, h).view(b, t, n_kv, head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, gqa: bool, i: int) -> torch.Tensor:
             if cache:
                 k = self._k[i] = torch.cat([self._k[i], k], dim=2)
                 v = self._v[i] = torch.cat([self._v[i], v], dim=2)
             else:
                 self._k.append(k)
                 self._v.append(v)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=attn.scaling,
-                                               enable_gqa=n_kv != n_heads)
-            x = x + _linear(attn.o_proj, o.transpose(1, 2).reshape(b, t, n_heads * head_dim))
-            h = _rms(x, layer.post_attention_layernorm)
-            mlp = layer.mlp
-            x = x + _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
-        last = _rms(x[:, -1], lm.norm)
-        return _linear(model.get_output_embeddings(), last)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+
+        for i, layer in enumerate(lm.layers):
+            x = _block(model.config, layer, x, cos, sin, attend, i)
+        return _linear(model.get_output_embeddings(), _rms(x[:, -1], lm.norm))
