@@ -9,61 +9,41 @@ examples/envoy.yaml (fail-closed). Each test uses its own API key, so budgets do
 from __future__ import annotations
 
 import json
-import time
-import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 from support.openai_stack import (
+    EnvoyStack,
     ModelServer,
+    auth,
     call,
     engine_config,
     front_config,
+    key,
     leave_after_first_event,
-    metric,
+    no_envoy_reason,
+    settles,
     sse_events,
     tiny_model,
+    tops,
+    values,
+    wait_for,
 )
-from support.sidecar import SidecarProcess
 
-from defense.identity import client_id_from_token
-from defense.keys import KeyRing
-from server_plugins.client import SidecarClient
 from server_plugins.envoy.process import EnvoyProcess, find_envoy, render_config
 
-
-def _no_envoy() -> str:
-    failed = Path(__file__).resolve().parents[2] / ".venvs" / "envoy.setup-failed"
-    return "no Envoy: " + (failed.read_text().strip() if failed.exists() else "./dev setup makes .venvs/envoy")
-
-
-pytestmark = [pytest.mark.integration, pytest.mark.skipif(find_envoy() is None, reason=_no_envoy())]
-ADMIN = "envoy-test-admin"
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(find_envoy() is None, reason=no_envoy_reason())]
+ADMIN = EnvoyStack.ADMIN
 PROMPT = "Alice lives in a small town near the river. She works as a"
 
 
-class Stack:
+class Stack(EnvoyStack):
+    """The transformers server (gzip answers) behind Envoy and the sidecar's ext_proc."""
+
     def __init__(self, tmp):
-        self.tmp = tmp
-        self.config = front_config(tmp)
-        self.keys = KeyRing.load(tmp / "keys.yaml")
         model = tiny_model(tmp / "tiny")
-        self.engine = ModelServer(model, tmp / "engine.log", config=engine_config(tmp, tmp / "keys.yaml"), gzip=True)
-        self.sidecar = SidecarProcess(self.config, env={"DISTILLGUARD_ADMIN_TOKEN": ADMIN})
-        self.envoy = EnvoyProcess(render_config(upstream=self.engine.address, sidecar=self.sidecar.target), tmp)
-
-    def stop(self):
-        for p in (self.envoy, self.sidecar, self.engine):
-            p.stop()
-
-    def client(self, token):
-        return client_id_from_token(token, self.keys)
-
-    def budget(self, token):
-        with SidecarClient(self.sidecar.target, admin_token=ADMIN, timeout_s=5) as c:
-            resp = c.get_budget(self.client(token))
-        return {lim.name: lim for lim in resp.limits}
+        super().__init__(tmp, front_config(tmp), lambda: ModelServer(
+            model, tmp / "engine.log", config=engine_config(tmp, tmp / "keys.yaml"), gzip=True))
 
 
 @pytest.fixture(scope="module")
@@ -73,24 +53,16 @@ def stack(tmp_path_factory):
     s.stop()
 
 
-def key() -> str:
-    return "sk-" + uuid.uuid4().hex
 
 
-def auth(token):
-    return {"authorization": f"Bearer {token}"}
 
 
 def completion(**kw):
     return {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 5, **kw}
 
 
-def tops(doc):
-    return [list(d.items()) for d in doc["choices"][0]["logprobs"]["top_logprobs"]]
 
 
-def values(doc):
-    return np.array([[v for _, v in row[:5]] for row in tops(doc)])
 
 
 def test_buffered_completion_is_perturbed_argmax_kept_and_repeat_stable(stack):
@@ -200,36 +172,27 @@ def test_forged_profile_is_replaced(stack):
     assert r.headers["x-distillguard-profile"] == "signed"
 
 
-def _settles(stack, status):
-    return metric(stack.sidecar.metrics_port, "distillguard_settles_total", status=status)
 
 
-def _wait(pred, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_upstream_error_settles_and_releases(stack):
     t = key()
-    before = _settles(stack, "upstream_error")
+    before = settles(stack.sidecar.metrics_port, "upstream_error")
     r = call("POST", stack.envoy.url + "/v1/completions", completion(model="no-such-model"), headers=auth(t))
     assert r.status == 404  # the engine's own answer passes through
-    assert _wait(lambda: _settles(stack, "upstream_error") == before + 1)
+    assert wait_for(lambda: settles(stack.sidecar.metrics_port, "upstream_error") == before + 1)
     assert stack.budget(t)["tokens_per_day"].reserved == 0
 
 
 def test_client_abort_settles_and_releases(stack):
     t = key()
-    before = _settles(stack, "client_abort")
+    before = settles(stack.sidecar.metrics_port, "client_abort")
     first = leave_after_first_event(stack.envoy.url + "/v1/completions",
                                     completion(stream=True, max_tokens=200, temperature=1.0), headers=auth(t))
     assert first.startswith(b"data: ")
-    assert _wait(lambda: _settles(stack, "client_abort") == before + 1), stack.sidecar.log()[-2000:]
-    assert _wait(lambda: stack.budget(t)["tokens_per_day"].reserved == 0)
+    assert wait_for(lambda: settles(stack.sidecar.metrics_port, "client_abort") == before + 1), stack.sidecar.log()[-2000:]
+    assert wait_for(lambda: stack.budget(t)["tokens_per_day"].reserved == 0)
 
 
 @pytest.mark.parametrize("fail_open, status", [(False, 500), (True, 200)])

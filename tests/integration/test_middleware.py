@@ -10,13 +10,12 @@ import asyncio
 import json
 import subprocess
 import sys
-import uuid
 
 import numpy as np
 import pytest
 from support.asgi import call as asgi_call
 from support.asgi import sse_events
-from support.openai_stack import ModelServer, call, engine_config, front_config, tiny_model
+from support.openai_stack import ModelServer, auth, call, engine_config, front_config, key, tiny_model, tops
 
 from defense.identity import client_id_from_token
 from defense.runtime import build_runtime
@@ -59,20 +58,14 @@ def local(tmp_path_factory):
     s.runtime.chain.close()
 
 
-def key():
-    return "sk-" + uuid.uuid4().hex
 
 
-def auth(t):
-    return {"authorization": f"Bearer {t}"}
 
 
 def completion(**kw):
     return {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 5, **kw}
 
 
-def tops(doc):
-    return [list(d.items()) for d in doc["choices"][0]["logprobs"]["top_logprobs"]]
 
 
 def test_buffered_answer_is_perturbed_and_stable(local):

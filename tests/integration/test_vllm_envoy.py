@@ -11,33 +11,34 @@ key, so budgets do not leak between tests. Skips when .venvs/vllm or Envoy is mi
 from __future__ import annotations
 
 import time
-import uuid
 
 import numpy as np
 import pytest
-from support.openai_stack import DEFENSES, call, metric, sse_events, tiny_model
-from support.sidecar import SidecarProcess, write_config
+from support.openai_stack import (
+    DEFENSES,
+    EnvoyStack,
+    auth,
+    call,
+    key,
+    no_envoy_reason,
+    settles,
+    sse_events,
+    tiny_model,
+    tops,
+    values,
+    wait_for,
+)
+from support.sidecar import write_config
 from support.vllm_harness import require_vllm, signed_args
 
 from defense.base import Deps
-from defense.identity import client_id_from_token
-from defense.keys import KeyRing
 from defense.profile import Profile
-from server_plugins.client import SidecarClient
-from server_plugins.envoy.process import EnvoyProcess, find_envoy, render_config
+from server_plugins.envoy.process import find_envoy
 from server_plugins.vllm.process import VLLMServer
 
-
-def _no_envoy() -> str:
-    from pathlib import Path
-
-    failed = Path(__file__).resolve().parents[2] / ".venvs" / "envoy.setup-failed"
-    return "no Envoy: " + (failed.read_text().strip() if failed.exists() else "./dev setup makes .venvs/envoy")
-
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
-              pytest.mark.skipif(find_envoy() is None, reason=_no_envoy())]
-ADMIN = "vllm-envoy-test-admin"
+              pytest.mark.skipif(find_envoy() is None, reason=no_envoy_reason())]
+ADMIN = EnvoyStack.ADMIN
 PROMPT = "Alice lives in a small town near the river. She works as a"
 # delta 3: on the random tiny model a marked 64-token text lands far below log10 p = -6 (see
 # test_vllm_watermark.py); the unmarked control stays near 0
@@ -45,32 +46,15 @@ WATERMARK = {"type": "watermark", "params": {"gamma": 0.25, "delta": 3.0, "conte
 WM_TOKENS = 64
 
 
-class Stack:
+class Stack(EnvoyStack):
+    """vLLM (cpu) with the plugin (keyed noise at the front, the watermark in the engine) behind Envoy."""
+
     def __init__(self, tmp):
-        self.tmp = tmp
-        self.config = write_config(tmp, overrides={
+        config = write_config(tmp, overrides={
             "front": {"envoy_ext_proc": True, "engine_logprobs_mode": "processed"},
             "defenses": [*DEFENSES, WATERMARK]})
-        self.keys = KeyRing.load(tmp / "keys.yaml")
         self.model = tiny_model(tmp / "tiny")
-        self.engine = self.sidecar = self.envoy = None
-        try:
-            self.engine = VLLMServer(self.model, tmp, config=self.config)
-            self.sidecar = SidecarProcess(self.config, env={"DISTILLGUARD_ADMIN_TOKEN": ADMIN})
-            self.envoy = EnvoyProcess(render_config(upstream=self.engine.address, sidecar=self.sidecar.target), tmp)
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self):
-        for p in (self.envoy, self.sidecar, self.engine):
-            if p is not None:
-                p.stop()
-
-    def budget(self, token):
-        with SidecarClient(self.sidecar.target, admin_token=ADMIN, timeout_s=5) as c:
-            resp = c.get_budget(client_id_from_token(token, self.keys))
-        return {lim.name: lim for lim in resp.limits}
+        super().__init__(tmp, config, lambda: VLLMServer(self.model, tmp, config=config))
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +65,8 @@ def stack(tmp_path_factory):
     s.stop()
 
 
-def key() -> str:
-    return "sk-" + uuid.uuid4().hex
 
 
-def auth(token):
-    return {"authorization": f"Bearer {token}"}
 
 
 def completion(**kw):
@@ -95,12 +75,8 @@ def completion(**kw):
             "return_tokens_as_token_ids": True, **kw}
 
 
-def tops(doc):
-    return [list(d.items()) for d in doc["choices"][0]["logprobs"]["top_logprobs"]]
 
 
-def values(doc):
-    return np.array([[v for _, v in row[:5]] for row in tops(doc)])
 
 
 def test_vllm_runs_the_plugin(stack):
@@ -161,26 +137,17 @@ def test_chat_buffered_and_streamed(stack):
     assert streamed == noisy
 
 
-def _settles(stack, status):
-    return metric(stack.sidecar.metrics_port, "distillguard_settles_total", status=status)
 
 
-def _wait(pred, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_settle_charges_the_engines_usage_and_releases_the_reservation(stack):
     t = key()
-    before = _settles(stack, "ok")
+    before = settles(stack.sidecar.metrics_port, "ok")
     r = call("POST", stack.envoy.url + "/v1/completions", completion(), headers=auth(t))
     usage = r.json()["usage"]
     disclosed = sum(min(len(row), 5) for row in tops(r.json()))
-    assert _wait(lambda: _settles(stack, "ok") == before + 1)
+    assert wait_for(lambda: settles(stack.sidecar.metrics_port, "ok") == before + 1)
     limits = stack.budget(t)
     assert limits["tokens_per_day"].used == usage["total_tokens"] and limits["tokens_per_day"].reserved == 0
     assert limits["logprob_values_per_day"].used == disclosed
@@ -206,10 +173,10 @@ def test_throttle_is_429_with_retry_after(stack):
 
 def test_upstream_error_settles_and_releases(stack):
     t = key()
-    before = _settles(stack, "upstream_error")
+    before = settles(stack.sidecar.metrics_port, "upstream_error")
     r = call("POST", stack.envoy.url + "/v1/completions", completion(model="no-such-model"), headers=auth(t))
     assert r.status == 404  # vLLM's own answer passes through
-    assert _wait(lambda: _settles(stack, "upstream_error") == before + 1)
+    assert wait_for(lambda: settles(stack.sidecar.metrics_port, "upstream_error") == before + 1)
     assert stack.budget(t)["tokens_per_day"].reserved == 0
 
 

@@ -12,11 +12,10 @@ to them. Budgets are read from the same sqlite file. Skips when .venvs/vllm is m
 from __future__ import annotations
 
 import time
-import uuid
 
 import numpy as np
 import pytest
-from support.openai_stack import DEFENSES, call, sse_events, tiny_model
+from support.openai_stack import DEFENSES, auth, call, key, sse_events, tiny_model, tops
 from support.sidecar import write_config
 from support.vllm_harness import require_vllm
 
@@ -64,12 +63,8 @@ def served(tmp_path_factory):
     s.stop()
 
 
-def key():
-    return "sk-" + uuid.uuid4().hex
 
 
-def auth(t):
-    return {"authorization": f"Bearer {t}"}
 
 
 def completion(**kw):
@@ -77,8 +72,6 @@ def completion(**kw):
             "return_token_ids": True, "return_tokens_as_token_ids": True, **kw}
 
 
-def tops(doc):
-    return [list(d.items()) for d in doc["choices"][0]["logprobs"]["top_logprobs"]]
 
 
 def model_top5(served, doc):

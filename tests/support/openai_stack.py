@@ -6,13 +6,20 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import time
 import urllib.parse
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
+from defense.identity import client_id_from_token
+from defense.keys import KeyRing
+from defense.sidecar.process import SidecarProcess
+from server_plugins.client import SidecarClient
 from server_plugins.transformers.process import TransformersServer
 
 from .asgi import sse_events  # noqa: F401 - re-exported for the tests
@@ -132,3 +139,77 @@ def metric(port: int, name: str, **labels: str) -> float:
         if all(got.get(k) == f'"{v}"' for k, v in labels.items()):
             total += float(value)
     return total
+
+
+# -- helpers the front's integration tests share ------------------------------------------------
+def key() -> str:
+    """A fresh API key: one client per test keeps the tests' budgets apart."""
+    return "sk-" + uuid.uuid4().hex
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def tops(doc: dict[str, Any]) -> list[list[tuple[str, float]]]:
+    """A completion's top_logprobs as (token, logprob) lists per position."""
+    return [list(d.items()) for d in doc["choices"][0]["logprobs"]["top_logprobs"]]
+
+
+def values(doc: dict[str, Any]) -> np.ndarray:
+    return np.array([[v for _, v in row[:5]] for row in tops(doc)])
+
+
+def settles(metrics_port: int, status: str) -> float:
+    return metric(metrics_port, "distillguard_settles_total", status=status)
+
+
+def wait_for(pred: Any, timeout: float = 15.0) -> bool:
+    """True once ``pred()`` is, False at the deadline (a settle lands just after the answer does)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+# -- an engine behind Envoy with the sidecar's ext_proc -----------------------------------------
+def no_envoy_reason() -> str:
+    failed = ROOT / ".venvs" / "envoy.setup-failed"
+    return "no Envoy: " + (failed.read_text().strip() if failed.exists() else "./dev setup makes .venvs/envoy")
+
+
+class EnvoyStack:
+    """``start_engine()``'s server, the sidecar (``config``, admin token ``ADMIN``) and Envoy in front of
+    both, on loopback; stopped together, also when one of them fails to start."""
+
+    ADMIN = "front-test-admin"
+
+    def __init__(self, tmp: Path, config: Path, start_engine: Any) -> None:
+        from server_plugins.envoy.process import EnvoyProcess, render_config
+
+        self.tmp, self.config = tmp, config
+        self.keys = KeyRing.load(tmp / "keys.yaml")
+        self.engine = self.sidecar = self.envoy = None
+        try:
+            self.engine = start_engine()
+            self.sidecar = SidecarProcess(config, env={"DISTILLGUARD_ADMIN_TOKEN": self.ADMIN})
+            self.envoy = EnvoyProcess(render_config(upstream=self.engine.address, sidecar=self.sidecar.target), tmp)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for p in (self.envoy, self.sidecar, self.engine):
+            if p is not None:
+                p.stop()
+
+    def client(self, token: str) -> str:
+        return client_id_from_token(token, self.keys)
+
+    def budget(self, token: str) -> dict[str, Any]:
+        """The client's limits by name, through GetBudget."""
+        with SidecarClient(self.sidecar.target, admin_token=self.ADMIN, timeout_s=5) as c:
+            resp = c.get_budget(self.client(token))
+        return {lim.name: lim for lim in resp.limits}
