@@ -35,8 +35,8 @@ ARG EXTRAS=""
 # the malloc settings match ./dev: glibc otherwise returns large buffers to the OS after every gRPC message
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    MALLOC_MMAP_THRESHOLD_=16777216 \
-    MALLOC_TRIM_THRESHOLD_=67108864 \
+    MALLOC_MMAP_THRESHOLD_=67108864 \
+    MALLOC_TRIM_THRESHOLD_=134217728 \
     DISTILLGUARD_CONFIG=/etc/distillguard/distillguard.yaml \
     DISTILLGUARD_KEYS=/etc/distillguard/keys/keys.yaml
 COPY --from=build /wheels /tmp/wheels
