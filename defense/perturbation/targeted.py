@@ -17,6 +17,14 @@ A gate in the spirit of Adaptive Misinformation scales the budget by how out-of-
 looks: the teacher's own top-1 probability (high for familiar inputs) through a sigmoid, so benign
 in-distribution queries pay little and synthetic or off-task ones get the full budget. The profile's
 strength multiplies it. The result is deterministic in the request (no randomness at all).
+
+The gate can instead read an input-density detector (``gate.detector``, ``ood.py``: Mahalanobis distance
+to the training inputs, a far better OOD signal for images than the teacher's confidence), and with
+``gate.misinform`` answer what it flags with misinformation, as Adaptive Misinformation does: the clean
+ranking reversed, so flagged queries lose their argmax while in-distribution ones keep it. The detector and
+the classifier proxy read the query as raw float32 values from the request's tensor bytes, as in-process
+callers (the experiments) pass it; the KServe front frames its canonical bytes differently, so these two
+options do not work behind it yet (every request would be refused as missing its input tensor).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..base import Deps
-from ..errors import InvalidInput
+from ..errors import ConfigError, InvalidInput
 from ..types import LogprobBatch, RequestContext
 from .base import Reshape, column_ids
 from .redirect import redirect
@@ -43,6 +51,13 @@ class GateParams:
     tau: float = 0.7  # teacher top-1 probability below this reads as out of distribution
     nu: float = 25.0  # slope of the switch (Adaptive Misinformation uses a near-hard 1000)
     floor: float = 0.25  # share of the budget in-distribution queries still get
+    # an input-density OOD detector (defense.perturbation.ood, fitted on the training inputs) in place of
+    # the top-1 probability: the query's distance over the detector's threshold, through the same switch
+    detector: str | None = None
+    # Adaptive Misinformation: queries the gate reads as out of distribution get a wrong answer (the
+    # returned ranking reversed: the least likely class on top, the confidence profile unchanged), mixed
+    # in by the gate's value. In-distribution queries keep their argmax; these lose it by design.
+    misinform: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.tau <= 1:
@@ -111,6 +126,14 @@ class Targeted(Reshape):
             self._model.to(p.device).eval()
         elif p.proxy == "lm":
             self._load_lm(p)
+        self._detector = None
+        if p.gate.detector == "auto":
+            raise ConfigError("targeted: gate.detector 'auto' is filled in by the experiments harness; give the "
+                              "path of a detector fitted with defense.perturbation.ood.InputDensity.fit(...).save(path)")
+        if p.gate.detector:
+            from .ood import InputDensity
+
+            self._detector = InputDensity.load(p.gate.detector)
 
     def _load_lm(self, p: TargetedParams) -> None:
         if p.proxy_path:
@@ -126,15 +149,29 @@ class Targeted(Reshape):
         self._model = build_lm(cfg, seed=0).to(p.device)  # token ids only: no tokenizer, prompts as ids
 
     # -- the gate and the budget ------------------------------------------------------------------------
-    def budget(self, y: np.ndarray, present: np.ndarray, ctx: RequestContext) -> np.ndarray:
+    def ood(self, y: np.ndarray, present: np.ndarray, ctx: RequestContext) -> np.ndarray:
+        """[P] in [0, 1]: how out of distribution each row's query reads (the gate's switch)."""
+        g: GateParams = self.params.gate
+        if self._detector is not None:
+            raw = ctx.prompt.tensor_bytes
+            d = self._detector.dim
+            if raw is None or len(raw) != y.shape[0] * d * 4:
+                raise InvalidInput(f"targeted (OOD detector) needs the input tensor: {y.shape[0]} x {d} float32 in "
+                                   f"the request's tensor bytes, got {0 if raw is None else len(raw)} bytes")
+            score = self._detector.score(np.frombuffer(raw, dtype=np.float32).reshape(y.shape[0], d))
+            return 1.0 / (1.0 + np.exp(np.clip(-g.nu * (score - 1.0), -700, 700)))
+        msp = np.where(present, y, 0.0).max(axis=1)
+        return 1.0 / (1.0 + np.exp(np.clip(-g.nu * (g.tau - msp), -700, 700)))
+
+    def budget(self, y: np.ndarray, present: np.ndarray, ctx: RequestContext,
+               ood: np.ndarray | None = None) -> np.ndarray:
         """[P] L1 budget per row: epsilon x strength x the out-of-distribution gate."""
         p: TargetedParams = self.params
         eps = p.epsilon * (2.0 if p.distance == "tv" else 1.0) * min(max(ctx.strength, 0.0), p.max_strength)
         if not p.gate.enabled:
             return np.full(y.shape[0], eps)
-        msp = np.where(present, y, 0.0).max(axis=1)
         g = p.gate
-        ood = 1.0 / (1.0 + np.exp(-g.nu * (g.tau - msp)))
+        ood = self.ood(y, present, ctx) if ood is None else ood
         return eps * (g.floor + (1.0 - g.floor) * ood)
 
     # -- the proxy's prediction on the returned slots ----------------------------------------------------
@@ -201,7 +238,31 @@ class Targeted(Reshape):
                 ctx: RequestContext) -> tuple[np.ndarray, np.ndarray]:
         y = np.where(present, np.exp(lp), 0.0)
         s = self.proxy_probs(batch, ctx)
-        out = redirect(y, s, present, self.budget(y, present, ctx), keep_argmax=self.params.keep_argmax,
+        g: GateParams = self.params.gate
+        ood = self.ood(y, present, ctx) if g.enabled else None
+        out = redirect(y, s, present, self.budget(y, present, ctx, ood), keep_argmax=self.params.keep_argmax,
                        floor=self.params.floor)
+        if g.enabled and g.misinform:
+            out = misinform(out, present, ood, reverse_of=y)  # type: ignore[arg-type]
         with np.errstate(divide="ignore"):
             return np.where(present, np.log(np.maximum(out, 1e-300)), -np.inf), present
+
+
+def misinform(y: np.ndarray, present: np.ndarray, alpha: np.ndarray, *, reverse_of: np.ndarray | None = None) -> np.ndarray:
+    """Adaptive Misinformation's answer: (1 - alpha) y + alpha y_mis per row, y_mis the values of
+    ``reverse_of`` (default ``y``; the clean answer, when ``y`` is already perturbed) with their ranking
+    reversed over the present slots (the k-th largest value goes to the k-th smallest slot): the least
+    likely class comes out on top with the confidence the top class had."""
+    src = y if reverse_of is None else reverse_of
+    vals = np.where(present, src, -np.inf)
+    order = np.argsort(-vals, axis=1, kind="stable")  # slots by value, largest first
+    n = present.sum(axis=1)
+    rows = np.arange(y.shape[0])[:, None]
+    k = np.arange(y.shape[1])[None, :]
+    # the j-th largest value moves to the slot ranked (n - 1 - j); missing slots stay where they are
+    target = np.where(k < n[:, None], np.take_along_axis(order, np.clip(n[:, None] - 1 - k, 0, None), axis=1), order)
+    sorted_vals = np.take_along_axis(np.where(present, src, 0.0), order, axis=1)
+    mis = np.zeros_like(y)
+    mis[rows, target] = sorted_vals
+    a = alpha[:, None]
+    return np.where(present, (1.0 - a) * y + a * mis, y)

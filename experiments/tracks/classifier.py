@@ -9,6 +9,9 @@ same student before training. Benign users query the test set through the same A
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -23,12 +26,13 @@ from defense.models.classifier import (
     save_classifier,
     train_classifier,
 )
+from defense.perturbation.ood import InputDensity
 from defense.types import Api, LogprobBatch, OutputKind, Prompt, RequestContext, Usage
 
 from ..aggregate import Delta, Gain, Spec, build_rows, subtrack
 from ..api import TeacherAPI, dense_ids
 from ..attacks import account_id, average_probabilities, probes
-from ..config import AttackConfig, ClassifierTrack
+from ..config import AttackConfig, ClassifierTrack, DefenseEntry, defenses_for
 from ..metrics import (
     expected_calibration_error,
     kl_divergence,
@@ -43,6 +47,16 @@ from .digits import N_CLASSES, digits_split, indist_queries, nudge, ood_queries
 
 PLAIN = AttackConfig(name="plain")
 MODEL = "digits-mlp"
+# the input-density OOD detector for `gate: {detector: auto}` entries: fitted on the teacher's 898 training
+# digits; at quantile 0.999 about 0.3% of held-out digits trip it (one of 360 on the standard split)
+DETECTOR_FILE = "input_density.npz"
+DETECTOR_QUANTILE = 0.999
+DETECTOR_SHRINKAGE = 0.01
+
+
+def wants_detector(entry: DefenseEntry) -> bool:
+    gate = entry.params.get("gate")
+    return isinstance(gate, dict | MappingProxyType) and gate.get("detector") == "auto"
 
 SPEC = Spec(
     # argmax-preserving defenses all sit at 0 benign loss (the summary's constraint): the distortion of
@@ -130,6 +144,13 @@ class ClassifierRunner(TrackRunner):
                                   path="tracks.classifier.attacks")
         self.split = digits_split(self.cfg.split_seed)
         self.teacher = self.load_teacher()
+        self.detector: Path | None = None
+        if any(wants_detector(e) for e in defenses_for(self.env.study, "classifier")):
+            # Adaptive Misinformation's OOD detector, fitted on the owner's data: the teacher's training inputs
+            self.detector = self.env.teacher_dir("classifier") / DETECTOR_FILE
+            if not self.detector.exists():
+                InputDensity.fit(self.split.x_teacher, quantile=DETECTOR_QUANTILE,
+                                 shrinkage=DETECTOR_SHRINKAGE).save(self.detector)
         self.test_probs = predict_proba(self.teacher, self.split.x_test)
         self.teacher_acc = float(np.mean(self.test_probs.argmax(1) == self.split.y_test))
 
@@ -145,6 +166,13 @@ class ClassifierRunner(TrackRunner):
             save_classifier(model, cfg, folder)
             write_json(folder / "train_stats.json", stats)
         return model.to(self.env.device).eval()
+
+    def entry_for(self, entry: DefenseEntry | None) -> DefenseEntry | None:
+        """The cell's entry with ``gate.detector: auto`` pointing at the detector fitted in ``prepare``."""
+        if entry is None or self.detector is None or not wants_detector(entry):
+            return entry
+        gate = {**entry.params["gate"], "detector": str(self.detector.resolve())}
+        return replace(entry, params=MappingProxyType({**entry.params, "gate": gate}))
 
     def attacker_queries(self, attacker: str, seed: int) -> np.ndarray:
         rng = np.random.default_rng([seed, 0 if attacker == "ood" else 1, 7])
@@ -170,7 +198,7 @@ class ClassifierRunner(TrackRunner):
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         out: dict[str, Any] = {"teacher_acc": self.teacher_acc}
-        with self.env.api(cell.entry, cell.value) as api:
+        with self.env.api(self.entry_for(cell.entry), cell.value) as api:
             out["benign"] = self.benign(api, cell.seed)
             for attacker in self.cfg.attackers:
                 xq = self.attacker_queries(attacker, cell.seed)

@@ -122,3 +122,57 @@ def test_config_validation():
     loaded = parse_config({"version": 1, "defenses": [{"type": "targeted", "params": {"epsilon": 0.1,
                                                                                       "distance": "tv"}}]})
     assert loaded.defenses[0].params.epsilon == 0.1
+
+
+def test_input_density_detector_fit_score_and_file(tmp_path):
+    from defense.perturbation.ood import InputDensity
+
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(4, 12))
+    train = rng.normal(size=(2000, 4)) @ basis + 0.05 * rng.normal(size=(2000, 12))  # near a 4-d subspace
+    det = InputDensity.fit(train, quantile=0.99)
+    held_out = rng.normal(size=(1000, 4)) @ basis + 0.05 * rng.normal(size=(1000, 12))
+    assert 0.003 < np.mean(det.score(held_out) > 1) < 0.03  # about 1% of the same distribution
+    assert np.mean(det.score(rng.normal(size=(500, 12))) > 1) > 0.99  # off the subspace: flagged
+    again = InputDensity.load(det.save(tmp_path / "det.bin"))
+    np.testing.assert_allclose(again.score(held_out), det.score(held_out))
+    with pytest.raises(InvalidInput, match="inputs of 12 values"):
+        det.score(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="more inputs than dimensions"):
+        InputDensity.fit(np.zeros((5, 12)))
+    (tmp_path / "junk.npz").write_bytes(b"not a detector")
+    with pytest.raises(ConfigError, match="cannot read the OOD detector"):
+        InputDensity.load(tmp_path / "junk.npz")
+
+
+def test_misinformation_gate_answers_flagged_queries_wrongly_and_the_rest_truthfully(tmp_path):
+    from defense.perturbation.ood import InputDensity
+
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(3000, 6)) * 0.1
+    path = InputDensity.fit(train, quantile=0.999).save(tmp_path / "density.npz")
+    d = Targeted(TargetedParams(epsilon=0.3, gate=GateParams(detector=str(path), misinform=True, nu=50.0)))
+    x = np.concatenate([rng.normal(size=(20, 6)) * 0.1, rng.normal(size=(20, 6)) * 3.0]).astype(np.float32)
+    b = prob_batch(rng.normal(size=(40, 5)) * 2)
+    c = RequestContext(request_id="r", client_id="c", prompt=Prompt(tensor_bytes=x.tobytes()), context_digest=b"d" * 32)
+    out = d.apply(b, c).values
+    np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-5)
+    clean = b.values
+    assert (out[:20].argmax(1) == clean[:20].argmax(1)).all()  # in distribution: the argmax kept
+    assert (out[20:].argmax(1) == clean[20:].argmin(1)).all()  # flagged: the least likely class on top
+    np.testing.assert_allclose(np.sort(out[20:], 1), np.sort(clean[20:], 1), atol=1e-5)  # same confidence profile
+    with pytest.raises(InvalidInput, match="needs the input tensor"):
+        d.apply(b, ctx())
+    with pytest.raises(ConfigError, match="experiments harness"):
+        Targeted(TargetedParams(gate=GateParams(detector="auto")))
+
+
+def test_misinform_reverses_the_ranking_over_present_slots_only():
+    from defense.perturbation.targeted import misinform
+
+    y = np.array([[0.6, 0.25, 0.1, 0.0], [0.5, 0.3, 0.15, 0.05]])
+    present = np.array([[True, True, True, False], [True, True, True, True]])
+    np.testing.assert_allclose(misinform(y, present, np.array([1.0, 1.0])),
+                               [[0.1, 0.25, 0.6, 0.0], [0.05, 0.15, 0.3, 0.5]])
+    np.testing.assert_allclose(misinform(y, present, np.array([0.0, 0.5])),
+                               [y[0], 0.5 * y[1] + 0.5 * np.array([0.05, 0.15, 0.3, 0.5])])
