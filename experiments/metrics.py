@@ -241,24 +241,8 @@ def bootstrap_ci(
     seeds) is resampled with replacement independently, as each is measured over its own seeds.
     Resamples where ``fn`` is not finite are dropped; with none left the interval is NaN.
     """
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    arrays = [np.asarray(g, dtype=np.float64) for g in groups]
-    if any(a.size == 0 for a in arrays):
-        return math.nan, math.nan, math.nan
-    point = float(fn(*(a.mean() for a in arrays)))
-    if n < 1 or all(a.size == 1 for a in arrays):
-        return point, point, point
-    rng = np.random.default_rng(seed)
-    # [n, size] resampled means per group, then fn elementwise
-    means = [a[rng.integers(0, a.size, size=(n, a.size))].mean(axis=1) for a in arrays]
-    stats = np.array([fn(*(m[i] for m in means)) for i in range(n)], dtype=np.float64)
-    stats = stats[np.isfinite(stats)]
-    if stats.size == 0:
-        return point, math.nan, math.nan
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(stats, [alpha, 1 - alpha])
-    return point, float(lo), float(hi)
+    columns = [np.asarray(g, dtype=np.float64).reshape(-1, 1) for g in groups]  # one metric per row
+    return bootstrap_rows_ci(lambda *ms: fn(*(m[0] for m in ms)), columns, n=n, level=level, seed=seed)
 
 
 def bootstrap_rows_ci(
