@@ -107,6 +107,28 @@ def _demo(args: argparse.Namespace) -> int:
     return run_stack_demo(args.config, keep_running=args.keep_running, as_json=args.json)
 
 
+def _ood_fit(args: argparse.Namespace) -> int:
+    """Fit the input-density OOD detector the targeted defense's gate reads (``gate.detector``)."""
+    import numpy as np
+
+    from .perturbation.ood import InputDensity
+
+    try:
+        x = np.load(args.inputs, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {args.inputs} as a .npy array: {e}") from None
+    if x.ndim < 2:
+        raise ConfigError(f"{args.inputs}: need an array [n, ...] of training inputs, got shape {list(x.shape)}")
+    try:
+        det = InputDensity.fit(x.reshape(len(x), -1), quantile=args.quantile, shrinkage=args.shrinkage)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    path = det.save(args.out)
+    print_json({"detector": str(path), "dim": det.dim, "n_train": det.n_train, "quantile": det.quantile,
+                "threshold": round(det.threshold, 6)})
+    return 0
+
+
 def _budget_show(args: argparse.Namespace) -> int:
     """GetBudget on the running sidecar, with the admin token from DISTILLGUARD_ADMIN_TOKEN."""
     import grpc
@@ -235,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_budget_show)
+
+    ood = sub.add_parser("ood", help="out-of-distribution detectors for the targeted defense's gate").add_subparsers(
+        dest="action", required=True)
+    p = ood.add_parser("fit", help="fit the input-density detector on training inputs (a .npy [n, ...] array)")
+    p.add_argument("inputs", help=".npy file of the model's training inputs, one row per input")
+    p.add_argument("--out", required=True, help="where to write the detector (use it as gate.detector)")
+    p.add_argument("--quantile", type=float, default=0.999,
+                   help="share of the training inputs below the threshold (default 0.999)")
+    p.add_argument("--shrinkage", type=float, default=0.01, help="covariance shrinkage (default 0.01)")
+    p.set_defaults(func=_ood_fit)
 
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(func=_version)

@@ -79,3 +79,26 @@ def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
+
+
+def test_ood_fit_writes_a_detector_the_targeted_gate_loads(tmp_path):
+    import json
+
+    import numpy as np
+
+    from defense.perturbation.targeted import GateParams, Targeted, TargetedParams
+
+    x = np.random.default_rng(0).normal(size=(500, 4, 4)).astype(np.float32)  # [n, ...]: rows are flattened
+    np.save(tmp_path / "train.npy", x)
+    r = run("ood", "fit", str(tmp_path / "train.npy"), "--out", str(tmp_path / "det.npz"), "--quantile", "0.99")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["dim"] == 16 and out["n_train"] == 500 and out["quantile"] == 0.99
+    d = Targeted(TargetedParams(gate=GateParams(detector=out["detector"], misinform=True)))
+    assert d._detector is not None and d._detector.dim == 16
+    (tmp_path / "bad.npy").write_bytes(b"junk")
+    bad = run("ood", "fit", str(tmp_path / "bad.npy"), "--out", str(tmp_path / "x.npz"))
+    assert bad.returncode == 2 and "cannot read" in bad.stderr
+    np.save(tmp_path / "few.npy", x[:10])
+    few = run("ood", "fit", str(tmp_path / "few.npy"), "--out", str(tmp_path / "x.npz"))
+    assert few.returncode == 2 and "more inputs than dimensions" in few.stderr
