@@ -474,12 +474,12 @@ _NO_PROMPT = Prompt()
 
 
 def _slim(adm: Admission) -> Admission:
-    """The admission as the ledger keeps it: without the prompt (its digest stays), so 100k remembered
+    """The admission as the ledger keeps it: without the prompt or input (its digest stays), so 100k remembered
     requests hold neither their prompts' memory nor objects for the collector to walk. A retried Admit
     gets this copy back; settle needs only identity, model and digest."""
-    if adm.ctx.prompt is _NO_PROMPT:
+    if adm.ctx.prompt is _NO_PROMPT and adm.ctx.input_values is None:
         return adm
-    return evolve(adm, ctx=evolve(adm.ctx, prompt=_NO_PROMPT))
+    return evolve(adm, ctx=evolve(adm.ctx, prompt=_NO_PROMPT, input_values=None))
 
 
 def _reservation_id(ctx: RequestContext) -> str:

@@ -130,6 +130,9 @@ class RequestContext:
     received_at: float = 0.0
     context_digest: bytes = b""
     strength: float = 1.0  # the profile's strength multiplier, raised by admission defenses
+    # tensor APIs: the model's input as little-endian float32 bytes, row-major [rows, features], for what
+    # reads the input itself (an OOD detector, a classifier proxy); the digest keys on the prompt instead
+    input_values: bytes | None = None
 
     def __post_init__(self) -> None:
         if not self.request_id:

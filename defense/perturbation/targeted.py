@@ -22,9 +22,9 @@ The gate can instead read an input-density detector (``gate.detector``, ``ood.py
 to the training inputs, a far better OOD signal for images than the teacher's confidence), and with
 ``gate.misinform`` answer what it flags with misinformation, as Adaptive Misinformation does: the clean
 ranking reversed, so flagged queries lose their argmax while in-distribution ones keep it. The detector and
-the classifier proxy read the query as raw float32 values from the request's tensor bytes, as in-process
-callers (the experiments) pass it; the KServe front frames its canonical bytes differently, so these two
-options do not work behind it yet (every request would be refused as missing its input tensor).
+the classifier proxy read the query's values from ``ctx.input_values`` (the KServe front fills it for a
+model with one floating-point input) or, for in-process callers such as the experiments, from float32
+``prompt.tensor_bytes``.
 """
 
 from __future__ import annotations
@@ -134,6 +134,8 @@ class Targeted(Reshape):
             from .ood import InputDensity
 
             self._detector = InputDensity.load(p.gate.detector)
+        # tensor fronts fill ctx.input_values only for defenses that read the input
+        self.reads_input_values = self._detector is not None or p.proxy == "classifier"
 
     def _load_lm(self, p: TargetedParams) -> None:
         if p.proxy_path:
@@ -153,12 +155,7 @@ class Targeted(Reshape):
         """[P] in [0, 1]: how out of distribution each row's query reads (the gate's switch)."""
         g: GateParams = self.params.gate
         if self._detector is not None:
-            raw = ctx.prompt.tensor_bytes
-            d = self._detector.dim
-            if raw is None or len(raw) != y.shape[0] * d * 4:
-                raise InvalidInput(f"targeted (OOD detector) needs the input tensor: {y.shape[0]} x {d} float32 in "
-                                   f"the request's tensor bytes, got {0 if raw is None else len(raw)} bytes")
-            score = self._detector.score(np.frombuffer(raw, dtype=np.float32).reshape(y.shape[0], d))
+            score = self._detector.score(input_rows(ctx, y.shape[0], self._detector.dim, "OOD detector"))
             return 1.0 / (1.0 + np.exp(np.clip(-g.nu * (score - 1.0), -700, 700)))
         msp = np.where(present, y, 0.0).max(axis=1)
         return 1.0 / (1.0 + np.exp(np.clip(-g.nu * (g.tau - msp), -700, 700)))
@@ -188,13 +185,8 @@ class Targeted(Reshape):
     def _classifier_probs(self, batch: LogprobBatch, ctx: RequestContext) -> np.ndarray:
         import torch
 
-        raw = ctx.prompt.tensor_bytes
-        d = self._cfg.in_dim
-        p_rows = batch.values.shape[0]
-        if raw is None or len(raw) != p_rows * d * 4:
-            raise InvalidInput(f"targeted (classifier proxy) needs the input tensor: {p_rows} x {d} float32 in the "
-                               f"request's tensor bytes, got {0 if raw is None else len(raw)} bytes")
-        x = torch.from_numpy(np.frombuffer(raw, dtype=np.float32).reshape(p_rows, d).copy()).to(self.params.device)
+        x = torch.from_numpy(input_rows(ctx, batch.values.shape[0], self._cfg.in_dim, "classifier proxy").copy())
+        x = x.to(self.params.device)
         with torch.no_grad():
             probs = torch.softmax(self._model(x).double(), dim=-1).cpu().numpy()
         ids = np.clip(column_ids(batch), 0, probs.shape[1] - 1)
@@ -266,3 +258,13 @@ def misinform(y: np.ndarray, present: np.ndarray, alpha: np.ndarray, *, reverse_
     mis[rows, target] = sorted_vals
     a = alpha[:, None]
     return np.where(present, (1.0 - a) * y + a * mis, y)
+
+
+def input_rows(ctx: RequestContext, rows: int, dim: int, what: str) -> np.ndarray:
+    """[rows, dim] float32: the request's input values (a tensor front's ``input_values``, else an in-process
+    caller's float32 ``prompt.tensor_bytes``)."""
+    raw = ctx.input_values if ctx.input_values is not None else ctx.prompt.tensor_bytes
+    if raw is None or len(raw) != rows * dim * 4:
+        raise InvalidInput(f"targeted ({what}) needs the input tensor: {rows} x {dim} float32 values, got "
+                           f"{0 if raw is None else len(raw)} bytes")
+    return np.frombuffer(raw, dtype=np.float32).reshape(rows, dim)

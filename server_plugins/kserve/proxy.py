@@ -68,6 +68,7 @@ class Prepared:
     asked: frozenset[str]  # outputs the client named; empty: all it may have
     client_id: str = ""  # the id the client gave (streams replace it upstream with a unique one)
     settled: bool = False
+    row_values: list[bytes] | None = None  # each batch row's input values, when a defense reads them
 
 
 class KServeProxy:
@@ -225,6 +226,7 @@ class KServeProxy:
         else:
             client, tenant = "anonymous", ident.default_tenant
         canonical = tensors.canonical_request(request, data)
+        values, row_values = self._input_values(request, data, batch if spec.batched else 1, chain)
         ctx = RequestContext(
             # never the client's own id: a reused id would hit the chain's idempotency ledger and be
             # admitted (and charged) once for many requests
@@ -234,6 +236,7 @@ class KServeProxy:
             logprobs=bool(spec.protected & (set(asked) if asked else set(meta.outputs))),
             raw_logits_outputs=tuple(n for n in asked if n in spec.strip),
             received_at=self.clock.now(),
+            input_values=values,
         )
         rows = None  # computed before admission: nothing after it may fail and leave a reservation held
         if spec.batched and batch > 1:
@@ -255,7 +258,20 @@ class KServeProxy:
         else:
             upstream = raw if raw is not None else request.SerializeToString()
         return Prepared(adm, spec, upstream, rows, chain.estimate(adm.ctx).prompt_tokens, frozenset(asked),
-                        client_id=request.id)
+                        client_id=request.id, row_values=row_values if rows is not None else None)
+
+    @staticmethod
+    def _input_values(request: Any, data: Sequence[bytes], batch: int,
+                      chain: DefenseChain) -> tuple[bytes | None, list[bytes] | None]:
+        """The input as float32 bytes (and per batch row) for a model with one floating-point input, when a
+        response defense reads it (the targeted defense's OOD detector or classifier proxy); else None."""
+        if len(data) != 1 or request.inputs[0].datatype not in tensors.FLOAT_TYPES:
+            return None, None
+        if not any(getattr(e.defense, "reads_input_values", False) for _, e in chain.response):
+            return None, None
+        dtype = tensors.DTYPES[request.inputs[0].datatype].numpy
+        x = np.frombuffer(data[0], dtype=dtype).astype("<f4")
+        return x.tobytes(), [r.tobytes() for r in x.reshape(max(batch, 1), -1)]
 
     def _settle_done(self, prep: Prepared, values: int, context: grpc.aio.ServicerContext) -> None:
         try:
@@ -325,7 +341,8 @@ class KServeProxy:
                 # the same input gets the same answer alone or in any batch (the loop is over rows, not values)
                 new = np.empty_like(work)
                 for b, digest in enumerate(prep.row_digests):
-                    ctx = evolve(prep.adm.ctx, context_digest=digest)
+                    ctx = evolve(prep.adm.ctx, context_digest=digest,
+                                 input_values=prep.row_values[b] if prep.row_values else None)
                     new[b] = self._protect(work[b].reshape(-1, classes), kind, ctx, chain).reshape(work.shape[1:])
             tensors.set_output(response, i, new, raw=raw)
             returned += int(new.size)

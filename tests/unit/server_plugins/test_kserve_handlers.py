@@ -213,3 +213,24 @@ def test_malformed_bytes_and_shared_memory_parameters_are_invalid_argument():
     run([RECORDER], body)
     run([RECORDER], garbage)
     assert not support_defenses.CALLS
+
+
+def test_targeted_misinformation_reads_each_rows_input_behind_the_proxy(tmp_path):
+    from defense.perturbation.ood import InputDensity
+
+    det = InputDensity.fit(np.random.default_rng(0).normal(size=(2000, 2)) * 0.1, quantile=0.999).save(
+        tmp_path / "density.npz")
+    am = {"type": "targeted", "params": {"epsilon": 0.1, "gate": {"detector": str(det), "misinform": True,
+                                                                  "nu": 50.0}}}
+
+    async def body(stub, fake):
+        req = pb.ModelInferRequest(model_name="mlp")
+        req.inputs.add(name="x", datatype="FP32", shape=[2, 2])
+        req.raw_input_contents.append(np.array([[0.0, 0.05], [30.0, -30.0]], np.float32).tobytes())  # in, out
+        resp = await stub.ModelInfer(req, metadata=BEARER)
+        probs = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(2, 3)
+        assert probs[0].argmax() == PROBS[0].argmax()  # in distribution: the true answer, argmax kept
+        assert probs[1].argmax() == PROBS[1].argmin()  # flagged by the detector: misinformation
+        np.testing.assert_allclose(np.sort(probs[1]), np.sort(PROBS[1]), atol=1e-5)
+
+    run([am], body, models={"mlp": {"probabilities": ["probs"], "strip": ["logits"], "batched": True}})
