@@ -17,6 +17,7 @@ from support.openai_stack import (
     ModelServer,
     auth,
     call,
+    chat_top_values,
     engine_config,
     front_config,
     key,
@@ -24,6 +25,7 @@ from support.openai_stack import (
     no_envoy_reason,
     settles,
     sse_events,
+    streamed_chat_top_values,
     tiny_model,
     tops,
     values,
@@ -53,16 +55,8 @@ def stack(tmp_path_factory):
     s.stop()
 
 
-
-
-
-
 def completion(**kw):
     return {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 5, **kw}
-
-
-
-
 
 
 def test_buffered_completion_is_perturbed_argmax_kept_and_repeat_stable(stack):
@@ -113,14 +107,11 @@ def test_chat_buffered_and_streamed(stack):
             "logprobs": True, "top_logprobs": 4}
     direct = call("POST", stack.engine.url + "/v1/chat/completions", body).json()
     got = call("POST", stack.envoy.url + "/v1/chat/completions", body, headers=auth(t)).json()
-    clean = [[a["logprob"] for a in e["top_logprobs"]] for e in direct["choices"][0]["logprobs"]["content"]]
-    noisy = [[a["logprob"] for a in e["top_logprobs"]] for e in got["choices"][0]["logprobs"]["content"]]
+    clean, noisy = chat_top_values(direct), chat_top_values(got)
     assert noisy != clean and got["choices"][0]["message"] == direct["choices"][0]["message"]
     events = sse_events(call("POST", stack.envoy.url + "/v1/chat/completions", {**body, "stream": True},
                              headers=auth(t)).body)
-    streamed = [[a["logprob"] for a in e["choices"][0]["logprobs"]["content"][0]["top_logprobs"]]
-                for e in events[:-1] if e["choices"] and e["choices"][0].get("logprobs")]
-    assert streamed == noisy
+    assert streamed_chat_top_values(events) == noisy
 
 
 def test_settle_charges_the_engines_usage_and_releases_the_reservation(stack):
@@ -170,10 +161,6 @@ def test_forged_profile_is_replaced(stack):
         "x-distillguard-profile"] == "default"  # straight to the engine: the plugin refuses the forgery
     r = call("POST", stack.envoy.url + "/v1/completions", completion(vllm_xargs=forged), headers=auth(key()))
     assert r.headers["x-distillguard-profile"] == "signed"
-
-
-
-
 
 
 def test_upstream_error_settles_and_releases(stack):

@@ -19,10 +19,12 @@ from support.openai_stack import (
     EnvoyStack,
     auth,
     call,
+    chat_top_values,
     key,
     no_envoy_reason,
     settles,
     sse_events,
+    streamed_chat_top_values,
     tiny_model,
     tops,
     values,
@@ -65,18 +67,10 @@ def stack(tmp_path_factory):
     s.stop()
 
 
-
-
-
-
 def completion(**kw):
     # token ids as the top-logprob keys: partial UTF-8 tokens of the random model would collapse as text
     return {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 5,
             "return_tokens_as_token_ids": True, **kw}
-
-
-
-
 
 
 def test_vllm_runs_the_plugin(stack):
@@ -127,18 +121,11 @@ def test_chat_buffered_and_streamed(stack):
     r = call("POST", stack.envoy.url + "/v1/chat/completions", body, headers=auth(t))
     assert r.status == 200, r.body[:500]
     got = r.json()
-    clean = [[a["logprob"] for a in e["top_logprobs"]] for e in direct["choices"][0]["logprobs"]["content"]]
-    noisy = [[a["logprob"] for a in e["top_logprobs"]] for e in got["choices"][0]["logprobs"]["content"]]
+    clean, noisy = chat_top_values(direct), chat_top_values(got)
     assert noisy != clean and got["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
     events = sse_events(call("POST", stack.envoy.url + "/v1/chat/completions", {**body, "stream": True},
                              headers=auth(t)).body)
-    streamed = [[a["logprob"] for a in e["choices"][0]["logprobs"]["content"][0]["top_logprobs"]]
-                for e in events[:-1] if e["choices"] and e["choices"][0].get("logprobs")]
-    assert streamed == noisy
-
-
-
-
+    assert streamed_chat_top_values(events) == noisy
 
 
 def test_settle_charges_the_engines_usage_and_releases_the_reservation(stack):

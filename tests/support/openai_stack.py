@@ -156,6 +156,17 @@ def tops(doc: dict[str, Any]) -> list[list[tuple[str, float]]]:
     return [list(d.items()) for d in doc["choices"][0]["logprobs"]["top_logprobs"]]
 
 
+def chat_top_values(doc: dict[str, Any]) -> list[list[float]]:
+    """A chat completion's top_logprobs values per position."""
+    return [[a["logprob"] for a in e["top_logprobs"]] for e in doc["choices"][0]["logprobs"]["content"]]
+
+
+def streamed_chat_top_values(events: list[Any]) -> list[list[float]]:
+    """The same from a streamed chat completion's events (one position per event)."""
+    return [[a["logprob"] for a in e["choices"][0]["logprobs"]["content"][0]["top_logprobs"]]
+            for e in events[:-1] if e["choices"] and e["choices"][0].get("logprobs")]
+
+
 def values(doc: dict[str, Any]) -> np.ndarray:
     return np.array([[v for _, v in row[:5]] for row in tops(doc)])
 
