@@ -37,11 +37,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     MALLOC_MMAP_THRESHOLD_=67108864 \
     MALLOC_TRIM_THRESHOLD_=134217728 \
+    NUMBA_CACHE_DIR=/tmp/distillguard-numba \
     DISTILLGUARD_CONFIG=/etc/distillguard/distillguard.yaml \
     DISTILLGUARD_KEYS=/etc/distillguard/keys/keys.yaml
 COPY --from=build /wheels /tmp/wheels
 RUN pip install --no-cache-dir \
-        "numpy>=1.24" "scipy>=1.10" "pyyaml>=6.0" "prometheus-client>=0.17" \
+        "numpy>=1.24" "scipy>=1.10" "pyyaml>=6.0" "prometheus-client>=0.17" "numba>=0.60" \
         "grpcio>=1.81.1" "grpcio-health-checking>=1.81.1" "grpcio-reflection>=1.81.1" "protobuf>=6.33.5,<8" \
         "redis>=5.0" \
     && if [ "$EXTRAS" = "kserve" ]; then \

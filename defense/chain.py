@@ -22,6 +22,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .config import IdentitySettings, LoadedConfig
 from .errors import DefenseFailure, InvalidInput
 from .metrics import Metrics
+from .perturbation import kernels
 from .types import (
     NO_REWRITES,
     Cost,
@@ -137,6 +138,9 @@ def _key(ctx: RequestContext) -> tuple[str, str, str]:
 def check_values(batch: LogprobBatch) -> None:
     """Refuse a batch no engine could have produced, rather than return a silently wrong distribution."""
     v = batch.values
+    if batch.kind is OutputKind.TOP_LOGPROBS and kernels.ENABLED:
+        _check_top_fused(batch)
+        return
     present = batch.present
     vals = v[present]
     if batch.kind is OutputKind.TOP_LOGPROBS:
@@ -169,6 +173,20 @@ def check_values(batch: LogprobBatch) -> None:
         sums = v.sum(axis=1)
         if sums.size and float(np.abs(sums - 1.0).max()) > _PROB_SUM_TOL:
             raise InvalidInput(f"each probability vector must sum to 1, got a sum of {float(sums[np.argmax(np.abs(sums - 1))]):.6g}")
+
+
+def _check_top_fused(batch: LogprobBatch) -> None:
+    """check_values' top-k rules in one compiled pass; the same errors, worded the same."""
+    code, row, value, token = kernels.check_top(batch.values, batch.token_ids, _LOGPROB_SLACK, _PROB_SUM_TOL)
+    if code == kernels.OK:
+        return
+    if code == kernels.NOT_FINITE:
+        raise InvalidInput("logprobs contain NaN or +infinity")
+    if code == kernels.ABOVE_ZERO:
+        raise InvalidInput(f"logprobs must be <= 0, got {value:.6g}")
+    if code == kernels.DUPLICATE:
+        raise InvalidInput(f"position {row} lists token id {token} more than once (k larger than the vocabulary?)")
+    raise InvalidInput(f"a position's top-k probabilities sum to {value:.6g} > 1")
 
 
 class DefenseChain:

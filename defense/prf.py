@@ -32,7 +32,8 @@ _C1 = _signed(0xBF58476D1CE4E5B9)
 _C2 = _signed(0x94D049BB133111EB)
 _GOLDEN = _signed(0x9E3779B97F4A7C15)  # 2**64 / phi: spreads consecutive inputs across the word
 _C1_U, _C2_U, _GOLDEN_NP = np.uint64(_C1 & _M64), np.uint64(_C2 & _M64), np.int64(_GOLDEN)
-_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
+_S11, _S27, _S30, _S31 = np.uint64(11), np.uint64(27), np.uint64(30), np.uint64(31)
+_GOLDEN_U = np.uint64(_GOLDEN & _M64)
 _LOW24 = float(2**-24)
 _LOW53 = float(2**-53)
 
@@ -106,18 +107,43 @@ def uniform(h: Any, *, dtype: Any = None) -> Any:
 
 def normal(h: Any, *, dtype: Any = None) -> Any:
     """Standard normal draws from hashes (Box-Muller on two independent halves of a rehash)."""
-    h2 = mix64(h ^ _GOLDEN)
-    if _is_torch(h):
-        import torch
+    if not _is_torch(h):
+        out = _normal_np(np.asarray(h, dtype=np.int64))
+        return out.astype(dtype) if dtype is not None else out
+    import torch
 
-        dtype = dtype or torch.float32
-        u1 = 1.0 - uniform(h, dtype=torch.float64)  # (0, 1]: log is finite
-        u2 = uniform(h2, dtype=torch.float64)
-        return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * np.pi * u2)).to(dtype)
-    u1 = 1.0 - uniform(h)
-    u2 = uniform(h2)
-    out = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
-    return out.astype(dtype) if dtype is not None else out
+    h2 = mix64(h ^ _GOLDEN)
+    dtype = dtype or torch.float32
+    u1 = 1.0 - uniform(h, dtype=torch.float64)  # (0, 1]: log is finite
+    u2 = uniform(h2, dtype=torch.float64)
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * np.pi * u2)).to(dtype)
+
+
+def _normal_np(h: np.ndarray) -> np.ndarray:
+    # the same arithmetic as the torch branch, in place on unsigned words (a logical shift needs no mask)
+    # and on the float buffers: the ufunc calls, not the math, are the cost on a [16, 5] response
+    if h.ndim == 0:
+        return _normal_np(h.reshape(1))[0]
+    u = h.view(np.uint64)
+    h2 = u ^ _GOLDEN_U
+    h2 ^= h2 >> _S30
+    h2 *= _C1_U
+    h2 ^= h2 >> _S27
+    h2 *= _C2_U
+    h2 ^= h2 >> _S31
+    u1 = (u >> _S11).astype(np.float64)
+    u1 *= _LOW53
+    np.subtract(1.0, u1, out=u1)  # (0, 1]: log is finite
+    np.log(u1, out=u1)
+    u1 *= -2.0
+    np.sqrt(u1, out=u1)
+    h2 >>= _S11
+    u2 = h2.astype(np.float64)
+    u2 *= _LOW53
+    u2 *= 2.0 * np.pi
+    np.cos(u2, out=u2)
+    u1 *= u2
+    return u1
 
 
 def seed_from_bytes(b: bytes) -> int:

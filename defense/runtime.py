@@ -12,6 +12,7 @@ from .config import LoadedConfig, load_config
 from .errors import KeyFileError
 from .keys import KeyRing
 from .metrics import Metrics
+from .perturbation import kernels
 from .settings import read_environment
 
 
@@ -55,6 +56,8 @@ def build_runtime(
         keys = load_keys(loaded, required=require_keys)
     deps = Deps(keys=keys, clock=clock, metrics=metrics or Metrics(), state_uri=loaded.config.state.uri)
     chain = DefenseChain.from_config(loaded, deps=deps, ledger=ledger)
+    if chain.response:
+        kernels.warm()  # compile (or load) the response path's kernels now, not in the first request
     if deps.metrics is not None:
         deps.metrics.set_config(loaded.sha256)
     return Runtime(loaded, keys, deps, chain)

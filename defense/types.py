@@ -345,6 +345,17 @@ class LogprobBatch:
     def shape(self) -> tuple[int, int]:
         return self.values.shape  # type: ignore[return-value]
 
+    def with_values(self, values: np.ndarray, sampled_values: np.ndarray | None) -> LogprobBatch:
+        """This batch with new values of the same shape (a defense's output): no re-validation."""
+        out = object.__new__(LogprobBatch)
+        for name in LogprobBatch.__slots__:
+            object.__setattr__(out, name, getattr(self, name))
+        if values.shape != self.values.shape:
+            raise ValueError(f"with_values: shape {values.shape} != {self.values.shape}")
+        object.__setattr__(out, "values", values)
+        object.__setattr__(out, "sampled_values", sampled_values)
+        return out
+
     @property
     def present(self) -> np.ndarray:
         """[P, K] bool: which slots hold a real alternative."""

@@ -18,7 +18,11 @@ import numpy as np
 
 from ..base import ResponseDefense
 from ..types import LogprobBatch, LogprobsMode, OutputKind, RequestContext
-from .ops import shift_logprobs
+from . import kernels
+from .ops import ARGMAX_MARGIN, shift_logprobs
+
+_NO_IDS = np.empty(0, dtype=np.int64)
+_NO_VALUES = np.empty(0, dtype=np.float32)
 
 __all__ = ["LogitShift", "Reshape", "as_logprobs", "column_ids", "from_logprobs", "temperature_scale"]
 
@@ -70,9 +74,18 @@ class LogitShift(ResponseDefense):
     def strength(self, ctx: RequestContext) -> float:
         return ctx.strength
 
+    def deltas(self, batch: LogprobBatch, ctx: RequestContext, ids: np.ndarray, sampled_ids: np.ndarray) -> np.ndarray:
+        """``delta`` for ``ids`` [P, K] and, when ``sampled_ids`` has P entries, one more column for them."""
+        rows = np.arange(ids.shape[0])[:, None]
+        if sampled_ids.shape[0] == ids.shape[0]:
+            return self.delta(batch, ctx, np.concatenate([ids, sampled_ids[:, None]], axis=1), rows)
+        return self.delta(batch, ctx, ids, rows)
+
     def apply(self, batch: LogprobBatch, ctx: RequestContext) -> LogprobBatch:
         if batch.values.size == 0 or self.strength(ctx) == 0:
             return batch
+        if kernels.ENABLED:
+            return self._apply_fused(batch, ctx)
         present = batch.present
         lp = as_logprobs(batch, present)
         ids = column_ids(batch)
@@ -91,6 +104,21 @@ class LogitShift(ResponseDefense):
         sampled = (self._sampled(batch, ids, present, new, shift, d_sampled) if with_sampled
                    else batch.sampled_values)
         return replace(batch, values=from_logprobs(new, batch, present), sampled_values=sampled)
+
+    def _apply_fused(self, batch: LogprobBatch, ctx: RequestContext) -> LogprobBatch:
+        """``apply`` in one compiled pass after the deltas (kernels.shift): the same steps as the numpy code."""
+        ids = column_ids(batch)
+        with_sampled = batch.sampled_values is not None and batch.sampled_token_ids is not None
+        sids = batch.sampled_token_ids if with_sampled else _NO_IDS
+        d = self.deltas(batch, ctx, ids, sids)  # type: ignore[arg-type]
+        scale = temperature_scale(batch)
+        if scale != 1.0:
+            d = d * scale
+        prob = batch.kind is OutputKind.PROBABILITIES
+        new, sampled = kernels.shift(batch.values, batch.present, ids, d, sids,
+                                     batch.sampled_values if with_sampled else _NO_VALUES,
+                                     self.keep_argmax, prob, prob, ARGMAX_MARGIN)
+        return batch.with_values(new, sampled if with_sampled else batch.sampled_values)
 
     def _sampled(self, batch: LogprobBatch, ids: np.ndarray, present: np.ndarray, new: np.ndarray,
                  shift: np.ndarray, d_sampled: np.ndarray) -> np.ndarray:

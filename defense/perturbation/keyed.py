@@ -22,6 +22,7 @@ from .. import prf
 from ..base import Deps
 from ..errors import InvalidInput
 from ..types import LogprobBatch, RequestContext
+from . import kernels
 from .base import LogitShift
 from .ops import shift_logprobs
 
@@ -68,6 +69,12 @@ class KeyedNoise(LogitShift):
     def delta(self, batch: LogprobBatch, ctx: RequestContext, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
         h = prf.hash_combine(self.seed(ctx.model, ctx.context_digest), rows + batch.position_offset, ids)
         return prf.normal(h) * (self.params.sigma * self.strength(ctx))
+
+    def deltas(self, batch: LogprobBatch, ctx: RequestContext, ids: np.ndarray, sampled_ids: np.ndarray) -> np.ndarray:
+        if not kernels.ENABLED:
+            return super().deltas(batch, ctx, ids, sampled_ids)
+        return kernels.keyed_normal(self.seed(ctx.model, ctx.context_digest), batch.position_offset, ids, sampled_ids,
+                                    self.params.sigma * self.strength(ctx))
 
     def perturb(self, values: Any, token_ids: Any, *, seeds: Any, positions: Any, strength: float = 1.0,
                 scale: float = 1.0, normalize: bool = False) -> Any:

@@ -1,0 +1,136 @@
+"""The compiled response-path kernels against the numpy code they replace, on every kind of batch."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from support.perturb import ctx, prob_batch, topk_batch
+
+from defense import prf
+from defense.base import Deps
+from defense.chain import check_values
+from defense.errors import InvalidInput
+from defense.keys import KeyRing
+from defense.perturbation import kernels
+from defense.perturbation.keyed import KeyedNoise, KeyedNoiseParams
+from defense.perturbation.random_noise import RandomNoise, RandomNoiseParams
+from defense.types import LogprobBatch, LogprobsMode
+
+pytestmark = pytest.mark.skipif(not kernels.ENABLED, reason="numba is not installed (the numpy path is in use)")
+
+KEYS = KeyRing.generate()
+
+
+def _both(defense, batch, c, monkeypatch):
+    fused = defense.apply(batch, c)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    try:
+        ref = defense.apply(batch, c)
+    finally:
+        monkeypatch.setattr(kernels, "ENABLED", True)
+    return fused, ref
+
+
+def _close(a: LogprobBatch, b: LogprobBatch) -> None:
+    assert a.values.dtype == b.values.dtype == np.float32
+    assert np.array_equal(a.token_ids, b.token_ids)
+    # exp/log differ between libm and numpy's SIMD routines in the last float64 bit: a float32 ulp at most
+    np.testing.assert_allclose(a.values, b.values, rtol=1e-6, atol=1e-6)
+    if b.sampled_values is None:
+        assert a.sampled_values is None
+    else:
+        np.testing.assert_allclose(a.sampled_values, b.sampled_values, rtol=1e-6, atol=1e-6)
+
+
+def _with_sampled(b: LogprobBatch, rng: np.random.Generator) -> LogprobBatch:
+    """Sampled tokens: mostly one of the returned alternatives, some outside the top-k (a lower value)."""
+    p = b.values.shape[0]
+    cols = rng.integers(0, b.values.shape[1], p)
+    sid = b.token_ids[np.arange(p), cols].copy()
+    sval = b.values[np.arange(p), cols].copy()
+    outside = (rng.random(p) < 0.3) | (sid < 0)
+    sid[outside] = 10_000 + np.arange(p)[outside]
+    sval[outside] = b.values.min() - 1.0
+    return replace(b, sampled_token_ids=sid, sampled_values=sval)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_keyed_noise_fused_matches_numpy(seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    p, v = int(rng.integers(1, 40)), int(rng.integers(3, 200))
+    k = int(rng.integers(1, min(v, 25) + 1))
+    logits = rng.normal(0, 3, (p, v))
+    mode = LogprobsMode.PROCESSED if seed % 3 == 0 else LogprobsMode.RAW
+    b = topk_batch(logits, k, missing=1 if k > 2 and seed % 2 else 0, temperature=0.7 if seed % 3 == 0 else 1.0,
+                   mode=mode, offset=int(rng.integers(0, 50)))
+    if seed % 4 != 1:
+        b = _with_sampled(b, rng)
+    d = KeyedNoise(KeyedNoiseParams(sigma=float(rng.uniform(0.1, 2)), keep_argmax=seed % 5 != 0),
+                   deps=Deps(keys=KEYS))
+    fused, ref = _both(d, b, ctx(rng.bytes(32), strength=float(rng.uniform(0.5, 4))), monkeypatch)
+    _close(fused, ref)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_probability_vectors_fused_match_numpy(seed, monkeypatch):
+    rng = np.random.default_rng(100 + seed)
+    b = prob_batch(rng.normal(0, 2, (int(rng.integers(1, 9)), int(rng.integers(2, 300)))))
+    if seed % 2:
+        b = replace(b, sampled_token_ids=rng.integers(0, b.values.shape[1], b.values.shape[0]).astype(np.int64),
+                    sampled_values=np.full(b.values.shape[0], 0.01, dtype=np.float32))
+    fused, ref = _both(KeyedNoise(deps=Deps(keys=KEYS)), b, ctx(rng.bytes(32)), monkeypatch)
+    _close(fused, ref)
+    np.testing.assert_allclose(fused.values.sum(1), 1.0, atol=1e-5)
+
+
+def test_other_logit_shifts_use_the_fused_shift(monkeypatch):
+    rng = np.random.default_rng(7)
+    b = _with_sampled(topk_batch(rng.normal(0, 3, (16, 50)), 5), rng)
+    fused = RandomNoise(RandomNoiseParams(sigma=0.5, seed=3)).apply(b, ctx())
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    ref = RandomNoise(RandomNoiseParams(sigma=0.5, seed=3)).apply(b, ctx())
+    _close(fused, ref)
+
+
+def test_keyed_normal_is_the_prf():
+    """The fused draw is prf.normal over prf.hash_combine, bit for bit in the hashing."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(-1, 2**40, (7, 6)).astype(np.int64)
+    sampled = rng.integers(0, 2**40, 7).astype(np.int64)
+    seed, offset = int(rng.integers(-2**63, 2**63 - 1)), 11
+    got = kernels.keyed_normal(seed, offset, ids, sampled, 0.75)
+    allids = np.concatenate([ids, sampled[:, None]], axis=1)
+    want = prf.normal(prf.hash_combine(seed, np.arange(7)[:, None] + offset, allids)) * 0.75
+    np.testing.assert_allclose(got, want, rtol=1e-15, atol=1e-15)
+    assert kernels.keyed_normal(seed, offset, ids, np.empty(0, dtype=np.int64), 0.75).shape == (7, 6)
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "positive", "duplicate", "mass"])
+def test_check_values_refuses_the_same_batches_either_way(case, monkeypatch):
+    vals = np.log(np.array([[0.5, 0.2, 0.1], [0.4, 0.3, 0.2]], dtype=np.float32))
+    ids = np.array([[1, 2, 3], [4, 5, -1]], dtype=np.int64)
+    if case == "nan":
+        vals[1, 1] = np.nan
+    elif case == "inf":
+        vals[0, 2] = np.inf
+    elif case == "positive":
+        vals[0, 0] = 0.5
+    elif case == "duplicate":
+        ids[1, 1] = 4
+    else:
+        vals[1] = np.log([0.6, 0.5, 0.9])
+    b = LogprobBatch(values=vals, token_ids=ids)
+    with pytest.raises(InvalidInput) as fused:
+        check_values(b)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    with pytest.raises(InvalidInput) as ref:
+        check_values(b)
+    assert str(fused.value) == str(ref.value)
+
+
+def test_check_values_passes_sound_batches_and_ignores_missing_slots():
+    vals = np.array([[-0.7, -1.6, 55.0], [-0.9, -1.2, -2.3]], dtype=np.float32)  # 55 sits in a missing slot
+    ids = np.array([[1, 2, -1], [1, 2, 3]], dtype=np.int64)
+    check_values(LogprobBatch(values=vals, token_ids=ids))
