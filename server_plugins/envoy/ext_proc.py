@@ -8,7 +8,8 @@ processing off for passed paths and upstream errors, so they cost no more messag
 
 - a refusal is an ``immediate_response`` (400/403/404/413/429 with OpenAI's error body);
 - the rewritten request body and its content-length go back in the request body response;
-- the response's content-length is removed (the body changes size; Envoy re-chunks it);
+- a buffered response's content-length is set to the rewritten body's length in the body response (Envoy
+  keeps the header in BUFFERED mode and holds the headers until then); a streamed one's is removed;
 - a stream that ends before the response did (the client went away, Envoy reset it) settles as
   CLIENT_ABORT in ``finally``, and an upstream error (non-2xx) settles at once as UPSTREAM_ERROR.
 
@@ -145,7 +146,10 @@ class ExtProcServicer:
                         if isinstance(result, Reply):
                             yield immediate(result, "distillguard_unprotected_response")
                         else:
-                            yield pb.ProcessingResponse(response_body=_body(result))
+                            # BUFFERED with headers SENT: Envoy kept content-length and holds the headers
+                            # until now; it must match the new body (Envoy refuses a mismatch)
+                            yield pb.ProcessingResponse(response_body=_body(
+                                result, set_headers=(("content-length", str(len(result))),)))
                     if ex is not None and ex.complete:
                         # grpc resumes this generator once the answer above is written to Envoy: the settle
                         # (a budget store write) happens while the client already gets its body

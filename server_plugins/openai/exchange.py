@@ -224,7 +224,9 @@ class Exchange:
         if ctype.startswith("text/event-stream"):
             self._sse = SSERewriter(self._rewrite_event)
             return ResponsePlan("stream", remove_headers=("content-length",))
-        return ResponsePlan("buffer", remove_headers=("content-length",))
+        # a buffered body's new length is known once it is rewritten: fronts set content-length then (Envoy's
+        # ext_proc keeps the header in BUFFERED mode and checks it), and the client gets no chunked framing
+        return ResponsePlan("buffer")
 
     def response_body(self, body: bytes) -> bytes | Reply:
         """A whole buffered body: the protected body (same encoding), or a reply that replaces the response."""

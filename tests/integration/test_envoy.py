@@ -66,6 +66,8 @@ def test_buffered_completion_is_perturbed_argmax_kept_and_repeat_stable(stack):
     b = call("POST", stack.envoy.url + "/v1/completions", completion(), headers=auth(t))
     assert a.status == 200 and a.headers["server"] == "envoy"
     assert a.headers["x-distillguard-profile"] == "signed"  # the engine verified the front's signature
+    # the rewritten body's own length (Envoy checks it against the body), not chunked framing
+    assert int(a.headers["content-length"]) == len(a.body) and "transfer-encoding" not in a.headers
     da, db = a.json(), b.json()
     assert da["choices"][0]["text"] == direct["choices"][0]["text"]
     assert [[tok for tok, _ in row] for row in tops(da)] == [[tok for tok, _ in row] for row in tops(direct)]
@@ -93,6 +95,7 @@ def test_streamed_completion_matches_the_buffered_one(stack, gz):
     streamed = call("POST", stack.envoy.url + "/v1/completions", completion(stream=True), headers={**auth(t), **enc})
     assert streamed.status == 200 and streamed.headers["content-type"].startswith("text/event-stream")
     assert (streamed.headers.get("content-encoding") == "gzip") == gz
+    assert int(buffered.headers["content-length"]) == len(buffered.body)  # the encoded length when gzipped
     events = sse_events(streamed.text())
     assert events[-1] == "[DONE]"
     rows = [list(e["choices"][0]["logprobs"]["top_logprobs"][0].items()) for e in events[:-1]
