@@ -15,7 +15,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from defense.config import parse_config
-from defense.metrics import Metrics
+from defense.metrics import Metrics, _Family
 from server_plugins.kserve.settings import parse_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +104,7 @@ def metric_families() -> dict[str, tuple[str, tuple[str, ...]]]:
     """Sample name -> (family, label names) for every family defense/metrics.py defines."""
     out: dict[str, tuple[str, tuple[str, ...]]] = {}
     for m in vars(Metrics()).values():
-        if not isinstance(m, MetricWrapperBase):
+        if not isinstance(m, MetricWrapperBase | _Family):
             continue
         base, labels = m._name, tuple(m._labelnames)
         suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}[m._type]
