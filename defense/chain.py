@@ -138,9 +138,13 @@ def _key(ctx: RequestContext) -> tuple[str, str, str]:
 def check_values(batch: LogprobBatch) -> None:
     """Refuse a batch no engine could have produced, rather than return a silently wrong distribution."""
     v = batch.values
-    if batch.kind is OutputKind.TOP_LOGPROBS and kernels.ENABLED:
-        _check_top_fused(batch)
-        return
+    if kernels.ENABLED:
+        if batch.kind is OutputKind.TOP_LOGPROBS:
+            _check_top_fused(batch)
+            return
+        if batch.token_ids.shape[1] == 0:  # dense probability vectors: every slot present
+            _check_probs_fused(batch)
+            return
     present = batch.present
     vals = v[present]
     if batch.kind is OutputKind.TOP_LOGPROBS:
@@ -187,6 +191,17 @@ def _check_top_fused(batch: LogprobBatch) -> None:
     if code == kernels.DUPLICATE:
         raise InvalidInput(f"position {row} lists token id {token} more than once (k larger than the vocabulary?)")
     raise InvalidInput(f"a position's top-k probabilities sum to {value:.6g} > 1")
+
+
+def _check_probs_fused(batch: LogprobBatch) -> None:
+    code, row, value = kernels.check_probs(batch.values, _PROB_SUM_TOL)
+    if code == kernels.OK:
+        return
+    if code == kernels.NOT_FINITE:
+        raise InvalidInput("probabilities contain NaN or infinity")
+    if code == kernels.NEGATIVE:
+        raise InvalidInput(f"probabilities must be >= 0, got {value:.6g}")
+    raise InvalidInput(f"each probability vector must sum to 1, got a sum of {value:.6g}")
 
 
 class DefenseChain:

@@ -74,8 +74,10 @@ class LogitShift(ResponseDefense):
     def strength(self, ctx: RequestContext) -> float:
         return ctx.strength
 
-    def deltas(self, batch: LogprobBatch, ctx: RequestContext, ids: np.ndarray, sampled_ids: np.ndarray) -> np.ndarray:
-        """``delta`` for ``ids`` [P, K] and, when ``sampled_ids`` has P entries, one more column for them."""
+    def deltas(self, batch: LogprobBatch, ctx: RequestContext, sampled_ids: np.ndarray) -> np.ndarray:
+        """``delta`` for the batch's column ids [P, K] and, when ``sampled_ids`` has P entries, one more column
+        for them."""
+        ids = column_ids(batch)
         rows = np.arange(ids.shape[0])[:, None]
         if sampled_ids.shape[0] == ids.shape[0]:
             return self.delta(batch, ctx, np.concatenate([ids, sampled_ids[:, None]], axis=1), rows)
@@ -107,15 +109,14 @@ class LogitShift(ResponseDefense):
 
     def _apply_fused(self, batch: LogprobBatch, ctx: RequestContext) -> LogprobBatch:
         """``apply`` in one compiled pass after the deltas (kernels.shift): the same steps as the numpy code."""
-        ids = column_ids(batch)
         with_sampled = batch.sampled_values is not None and batch.sampled_token_ids is not None
         sids = batch.sampled_token_ids if with_sampled else _NO_IDS
-        d = self.deltas(batch, ctx, ids, sids)  # type: ignore[arg-type]
+        d = self.deltas(batch, ctx, sids)  # type: ignore[arg-type]
         scale = temperature_scale(batch)
         if scale != 1.0:
             d = d * scale
         prob = batch.kind is OutputKind.PROBABILITIES
-        new, sampled = kernels.shift(batch.values, batch.present, ids, d, sids,
+        new, sampled = kernels.shift(batch.values, batch.token_ids, d, sids,
                                      batch.sampled_values if with_sampled else _NO_VALUES,
                                      self.keep_argmax, prob, prob, ARGMAX_MARGIN)
         return batch.with_values(new, sampled if with_sampled else batch.sampled_values)

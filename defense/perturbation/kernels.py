@@ -59,17 +59,24 @@ def _mix(x: Any) -> Any:
 
 
 @_jit
-def keyed_normal(seed: int, offset: int, ids: np.ndarray, sampled: np.ndarray, factor: float) -> np.ndarray:
-    """``prf.normal(hash_combine(seed, row + offset, id)) * factor`` for every id of ``ids`` [P, K] and, when
-    ``sampled`` has P entries, one more column for them: [P, K + (1 if sampled else 0)] float64."""
-    p, k = ids.shape
+def keyed_normal(seed: int, offset: int, ids: np.ndarray, k: int, sampled: np.ndarray, factor: float) -> np.ndarray:
+    """``prf.normal(hash_combine(seed, row + offset, id)) * factor`` for every id of ``ids`` [P, k] and, when
+    ``sampled`` has P entries, one more column for them: [P, k + (1 if sampled else 0)] float64. ``ids`` of
+    shape [P, 0] means dense probability vectors: column j is class j."""
+    p = ids.shape[0]
+    dense = ids.shape[1] != k
     extra = 1 if sampled.shape[0] == p and p > 0 else 0
     out = np.empty((p, k + extra), dtype=np.float64)
     s = np.uint64(seed)
     for i in range(p):
         h_row = _mix(np.uint64(i + offset) * _GOLDEN + s)
         for j in range(k + extra):
-            t = ids[i, j] if j < k else sampled[i]
+            if j == k:
+                t = sampled[i]
+            elif dense:
+                t = j
+            else:
+                t = ids[i, j]
             h = _mix(np.uint64(t) * _GOLDEN + h_row)
             h2 = _mix(h ^ _GOLDEN)
             u1 = 1.0 - float(h >> _S11) * _LOW53
@@ -79,15 +86,17 @@ def keyed_normal(seed: int, offset: int, ids: np.ndarray, sampled: np.ndarray, f
 
 
 @_jit
-def shift(values: np.ndarray, present: np.ndarray, ids: np.ndarray, delta: np.ndarray, sampled_ids: np.ndarray,
+def shift(values: np.ndarray, ids: np.ndarray, delta: np.ndarray, sampled_ids: np.ndarray,
           sampled_values: np.ndarray, keep_argmax: bool, probabilities: bool, normalize: bool,
           margin: float) -> tuple[np.ndarray, np.ndarray]:
     """``LogitShift.apply``'s math in one pass: (new values [P, K] float32, new sampled values [P] float32).
 
-    values [P, K] float32 (logprobs, or probabilities when ``probabilities``); present [P, K] bool; ids [P, K]
-    int64 (column ids); delta [P, K] (+1 column for the sampled token when ``sampled_ids`` has P entries).
-    Same steps as ops.shift_logprobs, base.from_logprobs and LogitShift._sampled."""
+    values [P, K] float32 (logprobs, or probabilities when ``probabilities``); ids [P, K] int64, -1 for a
+    missing slot, or [P, 0] for dense probability vectors (column j is class j, every slot present); delta
+    [P, K] (+1 column for the sampled token when ``sampled_ids`` has P entries). Same steps as
+    ops.shift_logprobs, base.from_logprobs and LogitShift._sampled."""
     p, k = values.shape
+    dense = ids.shape[1] != k
     ninf = -np.inf
     out = np.empty((p, k), dtype=np.float32)
     with_sampled = sampled_ids.shape[0] == p and p > 0
@@ -97,7 +106,7 @@ def shift(values: np.ndarray, present: np.ndarray, ids: np.ndarray, delta: np.nd
     for i in range(p):
         # as_logprobs, and the row's target mass (logsumexp with numpy's summation order)
         for j in range(k):
-            if present[i, j]:
+            if dense or ids[i, j] >= 0:
                 v = float(values[i, j])
                 lp[j] = math.log(v) if probabilities else v
             else:
@@ -105,7 +114,7 @@ def shift(values: np.ndarray, present: np.ndarray, ids: np.ndarray, delta: np.nd
         target = 0.0 if normalize else _logsumexp(lp, k)
         top = 0
         for j in range(k):
-            moved[j] = lp[j] + delta[i, j] if present[i, j] else ninf
+            moved[j] = lp[j] + delta[i, j] if dense or ids[i, j] >= 0 else ninf
             if lp[j] > lp[top]:
                 top = j
         if keep_argmax:
@@ -121,7 +130,7 @@ def shift(values: np.ndarray, present: np.ndarray, ids: np.ndarray, delta: np.nd
             x = moved[j] - sh
             x = x if x < 0.0 else 0.0  # np.minimum(x, 0.0); NaN cannot occur: moved is finite or -inf
             moved[j] = x
-            if present[i, j]:
+            if dense or ids[i, j] >= 0:
                 out[i, j] = math.exp(x) if probabilities else x
                 if x < floor:
                     floor = x
@@ -132,7 +141,7 @@ def shift(values: np.ndarray, present: np.ndarray, ids: np.ndarray, delta: np.nd
             hit = False
             best = ninf
             for j in range(k):
-                if present[i, j] and ids[i, j] == sid:
+                if (j == sid) if dense else (ids[i, j] >= 0 and ids[i, j] == sid):
                     hit = True
                     if moved[j] > best:
                         best = moved[j]
@@ -221,15 +230,47 @@ def check_top(values: np.ndarray, ids: np.ndarray, slack: float, tol: float) -> 
     return OK, 0, 0.0, 0
 
 
+@_jit
+def check_probs(values: np.ndarray, tol: float) -> tuple[int, int, float]:
+    """Probability-vector checks in one pass: (code, row, value); same rules as chain.check_values."""
+    p, k = values.shape
+    low = np.inf
+    for i in range(p):
+        for j in range(k):
+            v = values[i, j]
+            if not math.isfinite(v):
+                return NOT_FINITE, i, 0.0
+            if v < low:
+                low = v
+    if p * k and low < 0:
+        return NEGATIVE, 0, float(low)
+    worst, worst_row, worst_sum = -1.0, 0, 0.0
+    for i in range(p):
+        total = np.float32(0.0)
+        for j in range(k):
+            total += values[i, j]
+        off = abs(float(total) - 1.0)
+        if off > worst:
+            worst, worst_row, worst_sum = off, i, float(total)
+    if worst > tol:
+        return NOT_NORMALIZED, worst_row, worst_sum
+    return OK, 0, 0.0
+
+
 def warm() -> None:
     """Compile (or load from numba's cache) every kernel now, not on the first request."""
     if not ENABLED:
         return
     ids = np.array([[1, 2]], dtype=np.int64)
-    d = keyed_normal(7, 0, ids, np.array([1], dtype=np.int64), 0.5)
-    keyed_normal(7, 0, ids, np.empty(0, dtype=np.int64), 0.5)
+    one, none = np.array([1], dtype=np.int64), np.empty(0, dtype=np.int64)
     vals = np.array([[-0.5, -1.5]], dtype=np.float32)
-    present = np.ones((1, 2), dtype=np.bool_)
-    shift(vals, present, ids, d, np.array([1], dtype=np.int64), np.array([-0.5], dtype=np.float32), True, False,
-          False, 1e-4)
+    for sampled in (one, none):
+        d = keyed_normal(7, 0, ids, 2, sampled, 0.5)
+        shift(vals, ids, d, sampled, np.full(sampled.shape, -0.5, dtype=np.float32), True, False, False, 1e-4)
+    probs = np.array([[0.25, 0.75]], dtype=np.float32)
+    dense = np.empty((1, 0), dtype=np.int64)
+    for sampled in (one, none):
+        d = keyed_normal(7, 0, dense, 2, sampled, 0.5)
+        shift(probs, dense, d, sampled, np.full(sampled.shape, 0.75, dtype=np.float32), True, True, True, 1e-4)
     check_top(vals, ids, 1e-3, 1e-3)
+    check_probs(probs, 1e-3)

@@ -70,11 +70,11 @@ class KeyedNoise(LogitShift):
         h = prf.hash_combine(self.seed(ctx.model, ctx.context_digest), rows + batch.position_offset, ids)
         return prf.normal(h) * (self.params.sigma * self.strength(ctx))
 
-    def deltas(self, batch: LogprobBatch, ctx: RequestContext, ids: np.ndarray, sampled_ids: np.ndarray) -> np.ndarray:
+    def deltas(self, batch: LogprobBatch, ctx: RequestContext, sampled_ids: np.ndarray) -> np.ndarray:
         if not kernels.ENABLED:
-            return super().deltas(batch, ctx, ids, sampled_ids)
-        return kernels.keyed_normal(self.seed(ctx.model, ctx.context_digest), batch.position_offset, ids, sampled_ids,
-                                    self.params.sigma * self.strength(ctx))
+            return super().deltas(batch, ctx, sampled_ids)
+        return kernels.keyed_normal(self.seed(ctx.model, ctx.context_digest), batch.position_offset, batch.token_ids,
+                                    batch.values.shape[1], sampled_ids, self.params.sigma * self.strength(ctx))
 
     def perturb(self, values: Any, token_ids: Any, *, seeds: Any, positions: Any, strength: float = 1.0,
                 scale: float = 1.0, normalize: bool = False) -> Any:

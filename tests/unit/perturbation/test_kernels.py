@@ -16,7 +16,7 @@ from defense.keys import KeyRing
 from defense.perturbation import kernels
 from defense.perturbation.keyed import KeyedNoise, KeyedNoiseParams
 from defense.perturbation.random_noise import RandomNoise, RandomNoiseParams
-from defense.types import LogprobBatch, LogprobsMode
+from defense.types import LogprobBatch, LogprobsMode, OutputKind
 
 pytestmark = pytest.mark.skipif(not kernels.ENABLED, reason="numba is not installed (the numpy path is in use)")
 
@@ -100,11 +100,15 @@ def test_keyed_normal_is_the_prf():
     ids = rng.integers(-1, 2**40, (7, 6)).astype(np.int64)
     sampled = rng.integers(0, 2**40, 7).astype(np.int64)
     seed, offset = int(rng.integers(-2**63, 2**63 - 1)), 11
-    got = kernels.keyed_normal(seed, offset, ids, sampled, 0.75)
+    got = kernels.keyed_normal(seed, offset, ids, 6, sampled, 0.75)
     allids = np.concatenate([ids, sampled[:, None]], axis=1)
     want = prf.normal(prf.hash_combine(seed, np.arange(7)[:, None] + offset, allids)) * 0.75
     np.testing.assert_allclose(got, want, rtol=1e-15, atol=1e-15)
-    assert kernels.keyed_normal(seed, offset, ids, np.empty(0, dtype=np.int64), 0.75).shape == (7, 6)
+    assert kernels.keyed_normal(seed, offset, ids, 6, np.empty(0, dtype=np.int64), 0.75).shape == (7, 6)
+    dense = kernels.keyed_normal(seed, offset, np.empty((7, 0), dtype=np.int64), 4, sampled, 0.75)
+    cols = np.concatenate([np.broadcast_to(np.arange(4), (7, 4)), sampled[:, None]], axis=1)
+    np.testing.assert_allclose(dense, prf.normal(prf.hash_combine(seed, np.arange(7)[:, None] + offset, cols)) * 0.75,
+                               rtol=1e-15, atol=1e-15)
 
 
 @pytest.mark.parametrize("case", ["nan", "inf", "positive", "duplicate", "mass"])
@@ -122,6 +126,24 @@ def test_check_values_refuses_the_same_batches_either_way(case, monkeypatch):
     else:
         vals[1] = np.log([0.6, 0.5, 0.9])
     b = LogprobBatch(values=vals, token_ids=ids)
+    with pytest.raises(InvalidInput) as fused:
+        check_values(b)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    with pytest.raises(InvalidInput) as ref:
+        check_values(b)
+    assert str(fused.value) == str(ref.value)
+
+
+@pytest.mark.parametrize("case", ["nan", "negative", "sum"])
+def test_check_values_refuses_the_same_probability_vectors_either_way(case, monkeypatch):
+    vals = np.array([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]], dtype=np.float32)
+    if case == "nan":
+        vals[1, 0] = np.nan
+    elif case == "negative":
+        vals[0] = [0.75, -0.25, 0.5]
+    else:
+        vals[1, 2] = 0.5
+    b = LogprobBatch(values=vals, token_ids=np.empty((2, 0), dtype=np.int64), kind=OutputKind.PROBABILITIES)
     with pytest.raises(InvalidInput) as fused:
         check_values(b)
     monkeypatch.setattr(kernels, "ENABLED", False)
