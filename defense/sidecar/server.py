@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .. import __version__
 from ..config import LoadedConfig, ServerSettings, check_listen_address, load_config
+from ..deferred import Deferred
 from ..errors import ConfigError
 from ..metrics import Metrics
 from ..runtime import build_runtime, keys_path, load_keys
@@ -116,6 +117,7 @@ class Sidecar:
         self._stamp = self._file_stamp(loaded)
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self.deferred = Deferred()  # the ext_proc front's settles, drained at shutdown
         self.addresses: list[str] = []
         self.metrics_port: int | None = None
         self._http = None
@@ -203,7 +205,7 @@ class Sidecar:
         if self.holder.runtime.loaded.config.front.envoy_ext_proc:  # read at start, like the listen addresses
             from server_plugins.envoy.ext_proc import add_ext_proc  # the adapter lives with the other fronts
 
-            add_ext_proc(server, lambda: self.holder.runtime)
+            add_ext_proc(server, lambda: self.holder.runtime, self.deferred)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -237,6 +239,7 @@ class Sidecar:
             await health_servicer.enter_graceful_shutdown()
             await asyncio.sleep(settings.drain_s)
             await server.stop(settings.grace_s)
+            self.deferred.drain()  # settles of answered exchanges still queued
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher

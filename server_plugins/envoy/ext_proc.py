@@ -11,7 +11,9 @@ processing off for passed paths and upstream errors, so they cost no more messag
 - a buffered response's content-length is set to the rewritten body's length in the body response (Envoy
   keeps the header in BUFFERED mode and holds the headers until then); a streamed one's is removed;
 - a stream that ends before the response did (the client went away, Envoy reset it) settles as
-  CLIENT_ABORT in ``finally``, and an upstream error (non-2xx) settles at once as UPSTREAM_ERROR.
+  CLIENT_ABORT in ``finally``, and an upstream error (non-2xx) settles at once as UPSTREAM_ERROR;
+- a complete answer settles through ``defense.deferred``: queued once written, run while the next request
+  is with the engine (or within 10 ms), off both requests' paths.
 
 The chain runs in this process, on the event loop, as the sidecar's own RPCs do: no second hop.
 """
@@ -23,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from defense.deferred import Deferred
 from defense.runtime import Runtime
 from defense.types import SettleStatus
 from server_plugins.openai import Exchange, Forward, Guard, Reply, ResponsePlan, error_reply
@@ -75,8 +78,10 @@ def _body(data: bytes, *, set_headers: tuple[tuple[str, str], ...] = (), remove:
 
 
 class ExtProcServicer:
-    def __init__(self, guard: Guard) -> None:
+    def __init__(self, guard: Guard, deferred: Deferred | None = None) -> None:
         self.guard = guard
+        # settles of answered exchanges: run while a later request is with the engine (or within 10 ms)
+        self.deferred = deferred if deferred is not None else Deferred()
 
     async def process(self, requests: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
@@ -110,6 +115,9 @@ class ExtProcServicer:
                         continue
                     out = ex.request(bytes(body))
                     if isinstance(out, Forward):
+                        # grpc starts writing this answer before the loop's next turn: the queued settles run
+                        # while Envoy sends the request on to the engine
+                        self.deferred.drain_soon()
                         yield pb.ProcessingResponse(request_body=_body(out.body, set_headers=out.set_headers,
                                                                        remove=out.remove_headers))
                     else:
@@ -150,10 +158,9 @@ class ExtProcServicer:
                             # until now; it must match the new body (Envoy refuses a mismatch)
                             yield pb.ProcessingResponse(response_body=_body(
                                 result, set_headers=(("content-length", str(len(result))),)))
-                    if ex is not None and ex.complete:
-                        # grpc resumes this generator once the answer above is written to Envoy: the settle
-                        # (a budget store write) happens while the client already gets its body
-                        ex.finish()
+                    if ex is not None and ex.complete and not ex.settled:
+                        # the answer is written: settle soon, off this and the next request's path
+                        self.deferred.add(ex.finish)
                 elif which == "request_trailers":
                     yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
                 elif which == "response_trailers":
@@ -163,18 +170,19 @@ class ExtProcServicer:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected ext_proc message {which!r}")
         finally:
             # the stream ended: Envoy finished, or the client or Envoy reset it mid-way (grpc cancels us)
-            if ex is not None and not ex.settled:
+            if ex is not None and not ex.settled and not ex.complete:
                 ex.finish(SettleStatus.CLIENT_ABORT if ex.status else SettleStatus.UPSTREAM_ERROR)
 
 
-def ext_proc_handler(runtime: Callable[[], Runtime]) -> grpc.GenericRpcHandler:
-    servicer = ExtProcServicer(Guard(runtime))
+def ext_proc_handler(runtime: Callable[[], Runtime], deferred: Deferred | None = None) -> grpc.GenericRpcHandler:
+    servicer = ExtProcServicer(Guard(runtime), deferred)
     method = grpc.stream_stream_rpc_method_handler(servicer.process,
                                                    request_deserializer=pb.ProcessingRequest.FromString,
                                                    response_serializer=pb.ProcessingResponse.SerializeToString)
     return grpc.method_handlers_generic_handler(SERVICE, {"Process": method})
 
 
-def add_ext_proc(server: grpc.aio.Server, runtime: Callable[[], Runtime]) -> None:
-    """Serve Envoy's ExternalProcessor on ``server``, deciding with the live ``runtime()`` of each request."""
-    server.add_generic_rpc_handlers((ext_proc_handler(runtime),))
+def add_ext_proc(server: grpc.aio.Server, runtime: Callable[[], Runtime], deferred: Deferred | None = None) -> None:
+    """Serve Envoy's ExternalProcessor on ``server``, deciding with the live ``runtime()`` of each request;
+    ``deferred`` (drained by the host at shutdown) takes the settles of answered exchanges."""
+    server.add_generic_rpc_handlers((ext_proc_handler(runtime, deferred),))

@@ -33,6 +33,7 @@ from tritonclient.grpc import service_pb2 as pb
 from defense.canonical import context_digest
 from defense.chain import Admission, DefenseChain
 from defense.clock import SYSTEM_CLOCK, Clock
+from defense.deferred import Deferred
 from defense.errors import DefenseFailure, InvalidInput
 from defense.identity import identify
 from defense.sidecar.servicer import RuntimeHolder
@@ -91,6 +92,8 @@ class KServeProxy:
         self._id_prefix = f"kserve-{uuid.uuid4().hex[:16]}-"
         self._seq = itertools.count()
         self._ok_infer = m.rpc_duration.labels("kserve.ModelInfer", "OK")  # bound once: a lookup per call costs
+        # settles of answered requests, run while the loop waits on Triton for a later one (or within 10 ms)
+        self.deferred = Deferred()
 
     # -- wiring ---------------------------------------------------------------------------------
     def open(self) -> None:
@@ -106,6 +109,7 @@ class KServeProxy:
                                         else self._channel.unary_unary(path))
 
     async def close(self) -> None:
+        self.deferred.drain()
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
@@ -274,11 +278,13 @@ class KServeProxy:
         return x.tobytes(), [r.tobytes() for r in x.reshape(max(batch, 1), -1)]
 
     def _settle_done(self, prep: Prepared, values: int, context: grpc.aio.ServicerContext) -> None:
+        """The call is over: settle as delivered or as client_abort, soon (``self.deferred``)."""
         try:
             cancelled = context.cancelled()
         except Exception:  # noqa: BLE001 - a context without the call's state: treat as delivered
             cancelled = False
-        self.settle(prep, SettleStatus.CLIENT_ABORT if cancelled else SettleStatus.OK, values)
+        status = SettleStatus.CLIENT_ABORT if cancelled else SettleStatus.OK
+        self.deferred.add(functools.partial(self.settle, prep, status, values))
 
     def settle(self, prep: Prepared, status: SettleStatus, values: int = 0) -> None:
         if prep.settled:
@@ -362,8 +368,10 @@ class KServeProxy:
             md = context.invocation_metadata() or ()
             prep = await self.prepare(request, raw, md, context)
             try:
-                out = await self._calls["ModelInfer"](prep.upstream, timeout=self._timeout(context),
-                                                      metadata=self._forward(md))
+                call = self._calls["ModelInfer"](prep.upstream, timeout=self._timeout(context),
+                                                 metadata=self._forward(md))
+                self.deferred.drain_soon()  # earlier answers settle while Triton works on this one
+                out = await call
             except grpc.aio.AioRpcError as e:
                 self.settle(prep, SettleStatus.UPSTREAM_ERROR)
                 raise upstream_refusal(e, self.settings.upstream) from None

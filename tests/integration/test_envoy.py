@@ -122,6 +122,8 @@ def test_settle_charges_the_engines_usage_and_releases_the_reservation(stack):
     r = call("POST", stack.envoy.url + "/v1/completions", completion(), headers=auth(t))
     usage = r.json()["usage"]
     disclosed = sum(min(len(row), 5) for row in tops(r.json()))
+    # the settle runs just after the answer is written (defense.deferred), not before
+    assert wait_for(lambda: stack.budget(t)["tokens_per_day"].reserved == 0)
     limits = stack.budget(t)
     assert limits["tokens_per_day"].used == usage["total_tokens"] and limits["tokens_per_day"].reserved == 0
     assert limits["logprob_values_per_day"].used == disclosed

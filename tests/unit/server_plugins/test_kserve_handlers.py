@@ -61,7 +61,8 @@ def x_request(rows: int = 2, **kw: Any) -> pb.ModelInferRequest:
     return req
 
 
-def run(defenses: list[dict], body: Callable[..., Any], *, models: dict | None = None) -> None:
+def run(defenses: list[dict], body: Callable[..., Any], *, models: dict | None = None,
+        setup: Callable[[KServeProxy], None] | None = None) -> None:
     async def main() -> None:
         fake = FakeTriton()
         upstream = grpc.aio.server()
@@ -73,6 +74,8 @@ def run(defenses: list[dict], body: Callable[..., Any], *, models: dict | None =
         settings = parse_settings({"upstream": f"127.0.0.1:{port}", "models": models or {
             "mlp": {"probabilities": ["probs", "half"], "strip": ["logits"], "batched": False}}})
         proxy = KServeProxy(settings, holder)
+        if setup is not None:
+            setup(proxy)
         server = grpc.aio.server()
         proxy.add_to_server(server)
         pport = server.add_insecure_port("127.0.0.1:0")
@@ -95,6 +98,24 @@ def run(defenses: list[dict], body: Callable[..., Any], *, models: dict | None =
 RECORDER = {"type": "support.defenses:Recorder", "params": {"tag": "rec"}}
 NOISE = {"type": "keyed_noise", "params": {"sigma": 0.5}}
 BEARER = (("authorization", "Bearer t0k3n"),)
+
+
+def test_a_settle_waits_for_the_next_upstream_call_or_shutdown():
+    """The settle of an answered request runs while a later request is with Triton, never on its own path."""
+    async def body(stub, fake):
+        await stub.ModelInfer(x_request(), metadata=BEARER)
+        await asyncio.sleep(0.05)
+        assert [c for _, c in support_defenses.CALLS] == ["admit top_logprobs=0"]  # answered, not yet settled
+        await stub.ModelInfer(x_request(), metadata=BEARER)
+        assert [c for _, c in support_defenses.CALLS] == ["admit top_logprobs=0", "admit top_logprobs=0",
+                                                          "settle ok 0"]
+
+    def slow_timer(proxy):
+        proxy.deferred.max_delay_s = 60  # only the next upstream call (or shutdown) drains
+
+    run([RECORDER], body, setup=slow_timer)
+    assert [c for _, c in support_defenses.CALLS][-1] == "settle ok 0"  # the second, at shutdown
+    assert len(support_defenses.CALLS) == 4
 
 
 def test_declared_outputs_are_perturbed_in_their_own_dtype_and_the_rest_stripped():

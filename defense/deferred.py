@@ -1,0 +1,69 @@
+"""Bookkeeping that must happen soon, but never before an answer is on its way: settles.
+
+A settle is a budget store write (a sqlite transaction, a Redis round trip): the slowest step of a request
+after the model itself. The fronts used to run it as soon as the answer left, which on a busy front lands
+it in the way of the next request. A front instead ``add``s the settle once the answer is sent and calls
+``drain_soon`` right after it hands the next request to the model server: the event loop runs the queued
+settles while it would otherwise sit waiting for the model. A timer drains whatever is left after
+``max_delay_s`` (an idle front settles on time), ``max_pending`` bounds the queue, and ``drain`` at
+shutdown settles the rest. A crash loses at most the queued settles, whose reservations then expire as
+any unsettled reservation does (reservation_ttl_s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+
+log = logging.getLogger("distillguard.deferred")
+
+
+class Deferred:
+    """A queue of zero-argument callables run on the event loop that created it (or synchronously, without one)."""
+
+    def __init__(self, *, max_delay_s: float = 0.01, max_pending: int = 256) -> None:
+        if max_delay_s < 0 or max_pending < 1:
+            raise ValueError("max_delay_s must be >= 0 and max_pending >= 1")
+        self.max_delay_s = max_delay_s
+        self.max_pending = max_pending
+        self._queue: deque[Callable[[], object]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._soon = False
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, fn: Callable[[], object]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): nothing to wait for
+            self._run(fn)
+            return
+        self._queue.append(fn)
+        if len(self._queue) >= self.max_pending:
+            self.drain()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.max_delay_s, self.drain)
+
+    def drain_soon(self) -> None:
+        """Run the queue on the loop's next turn: after whatever was scheduled before (the upstream call)."""
+        if self._queue and not self._soon:
+            self._soon = True
+            asyncio.get_running_loop().call_soon(self.drain)
+
+    def drain(self) -> None:
+        self._soon = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._queue:
+            self._run(self._queue.popleft())
+
+    @staticmethod
+    def _run(fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - one failed settle must not stop the others
+            log.exception("deferred %r failed", fn)

@@ -1,0 +1,74 @@
+"""Deferred settles: after the answer, before long, in order, and none lost."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from defense.deferred import Deferred
+
+
+def test_without_a_loop_work_runs_at_once():
+    done = []
+    Deferred().add(lambda: done.append(1))
+    assert done == [1]
+
+
+def test_the_timer_runs_what_nothing_drained():
+    async def main():
+        done = []
+        d = Deferred(max_delay_s=0.02)
+        d.add(lambda: done.append("a"))
+        assert done == [] and len(d) == 1  # never inline: the answer goes first
+        await asyncio.sleep(0)
+        assert done == []
+        await asyncio.sleep(0.1)
+        assert done == ["a"] and len(d) == 0
+
+    asyncio.run(main())
+
+
+def test_drain_soon_runs_after_what_was_scheduled_before_it():
+    async def main():
+        order = []
+        d = Deferred(max_delay_s=10)
+        d.add(lambda: order.append("settle"))
+        loop = asyncio.get_running_loop()
+        loop.call_soon(order.append, "upstream call")  # what the front started just before
+        d.drain_soon()
+        d.drain_soon()  # once is enough
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert order == ["upstream call", "settle"]
+        assert d._timer is None  # the timer was cancelled with the drain
+
+    asyncio.run(main())
+
+
+def test_a_full_queue_drains_and_a_failure_does_not_stop_the_rest(caplog):
+    async def main():
+        done = []
+        d = Deferred(max_delay_s=10, max_pending=3)
+
+        def boom():
+            raise RuntimeError("store down")
+
+        d.add(lambda: done.append(1))
+        d.add(boom)
+        assert done == []
+        d.add(lambda: done.append(3))  # the third fills the queue
+        assert done == [1, 3]
+        d.add(lambda: done.append(4))
+        d.drain()  # shutdown: whatever is left
+        assert done == [1, 3, 4]
+
+    asyncio.run(main())
+    assert "store down" in caplog.text
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError):
+        Deferred(max_delay_s=-1)
+    with pytest.raises(ValueError):
+        Deferred(max_pending=0)
