@@ -133,6 +133,9 @@ class RequestContext:
     # tensor APIs: the model's input as little-endian float32 bytes, row-major [rows, features], for what
     # reads the input itself (an OOD detector, a classifier proxy); the digest keys on the prompt instead
     input_values: bytes | None = None
+    # tensor APIs: how many probability / logprob values the answer will return, when the front knows it
+    # from the model's metadata (the budget reserves them at admission like max_tokens x top_logprobs)
+    output_values: int | None = None
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -150,6 +153,8 @@ class RequestContext:
         if self.top_logprobs > 0 and not self.logprobs:
             # OpenAI requires logprobs=true with top_logprobs; we accept it and treat it as a logprobs request
             object.__setattr__(self, "logprobs", True)
+        if self.output_values is not None and self.output_values < 0:
+            raise InvalidInput(f"output_values must be >= 0, got {self.output_values}")
         if self.logit_bias_entries < 0:
             raise InvalidInput(f"logit_bias_entries must be >= 0, got {self.logit_bias_entries}")
         if self.temperature is not None and (not math.isfinite(self.temperature) or self.temperature < 0):
@@ -193,6 +198,8 @@ class Cost:
         completion = (ctx.max_tokens if ctx.max_tokens is not None else default_max_tokens) * ctx.n
         k = max(ctx.top_logprobs, 1) if ctx.wants_logprobs else 0
         values = completion * k + (prompt * k if ctx.prompt_logprobs or ctx.echo else 0)
+        if ctx.output_values is not None:  # a tensor API that knows its output shapes
+            values = ctx.output_values
         return cls(requests=1, prompt_tokens=prompt, completion_tokens=completion, logprob_values=values)
 
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import math
 import logging
 import time
 import uuid
@@ -241,6 +242,7 @@ class KServeProxy:
             raw_logits_outputs=tuple(n for n in asked if n in spec.strip),
             received_at=self.clock.now(),
             input_values=values,
+            output_values=_expected_values(spec, meta, asked, batch),
         )
         rows = None  # computed before admission: nothing after it may fail and leave a reservation held
         if spec.batched and batch > 1:
@@ -492,6 +494,22 @@ def _as_refusal(e: BaseException) -> Refusal:
         return Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"not a valid ModelInferRequest: {e}")
     log.exception("KServe proxy failed with %s", type(e).__name__, exc_info=e)
     return Refusal(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})")
+
+
+def _expected_values(spec: ModelSpec, meta: tensors.ModelMeta, asked: Sequence[str], batch: int) -> int | None:
+    """Probability / logprob values the answer will return (the budget reserves them), from the metadata's
+    output shapes; None when a shape leaves a size open beyond the batch dimension."""
+    total = 0
+    for name in asked or meta.outputs:
+        if name not in spec.protected or name not in spec.returned:
+            continue
+        shape = list(meta.outputs[name].shape)
+        if spec.batched and shape:
+            shape[0] = batch
+        if any(d < 0 for d in shape):
+            return None
+        total += math.prod(shape)
+    return total
 
 
 def _stream_error(request: Any, message: str) -> bytes:

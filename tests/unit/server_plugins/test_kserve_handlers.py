@@ -100,6 +100,22 @@ NOISE = {"type": "keyed_noise", "params": {"sigma": 0.5}}
 BEARER = (("authorization", "Bearer t0k3n"),)
 
 
+def test_expected_values_come_from_the_metadata_shapes():
+    from server_plugins.kserve.proxy import _expected_values
+    from server_plugins.kserve.tensors import ModelMeta
+
+    meta_pb = pb.ModelMetadataResponse(name="mlp")
+    meta_pb.outputs.add(name="probs", datatype="FP32", shape=[-1, 10])
+    meta_pb.outputs.add(name="open", datatype="FP32", shape=[-1, -1])
+    meta_pb.outputs.add(name="label", datatype="INT32", shape=[-1, 1])
+    meta = ModelMeta.from_pb(meta_pb)
+    batched = parse_settings({"upstream": "x:1", "models": {"mlp": {"probabilities": ["probs", "open"],
+                                                                    "passthrough": ["label"]}}}).models["mlp"]
+    assert _expected_values(batched, meta, ["probs", "label"], 4) == 40  # only protected outputs count
+    assert _expected_values(batched, meta, ["open"], 4) is None  # a size Triton leaves open
+    assert _expected_values(batched, meta, [], 2) is None  # nothing asked: every output, "open" included
+
+
 def test_a_settle_waits_for_the_next_upstream_call_or_shutdown():
     """The settle of an answered request runs while a later request is with Triton, never on its own path."""
     async def body(stub, fake):

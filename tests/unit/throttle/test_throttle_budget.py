@@ -80,6 +80,18 @@ def test_retry_admit_and_settle_are_idempotent(make):
                                0.0, 900.0) is False
 
 
+def test_tensor_apis_reserve_the_values_they_will_return(make):
+    """A classifier front knows its output size: the values are reserved at admission, not only charged later."""
+    ch = make()
+    budget: Budget = ch.entries[0].defense
+    probs = {"prompt": Prompt(tensor_bytes=b"\x00" * 256), "max_tokens": 0, "logprobs": True}
+    assert ch.admit(ctx("k1", **probs, output_values=40)).allowed
+    assert {lim.name: lim.reserved for lim in budget.budget_status("c_a").limits}["lpd"] == 40
+    assert ch.estimate(ctx("k2", **probs)).logprob_values == 0  # unknown size: charged at settle only
+    with pytest.raises(InvalidInput, match="output_values"):
+        ctx("k3", output_values=-1)
+
+
 def test_request_larger_than_a_limit_is_denied_not_throttled(make):
     ch = make()
     d = ch.admit(ctx("huge", max_tokens=5000))
