@@ -74,6 +74,9 @@ class Defense(abc.ABC):  # noqa: B024 - abstract through its three subclasses
 class AdmissionDefense(Defense):
     """Runs once per request before it reaches the engine: decide, clamp, reserve."""
 
+    # False for a defense that never reads ``cost`` (the chain then skips estimating it for that defense)
+    uses_cost: bool = True
+
     @abc.abstractmethod
     def admit(self, ctx: RequestContext, cost: Cost) -> Verdict:
         """Decide on the request. A refusal is a ``Verdict`` (throttle or deny), never an exception."""

@@ -238,6 +238,7 @@ class DefenseChain:
         self._requests = {(d, shadow): m.requests.labels(d.value, "true" if shadow else "false")
                           for d in Decision for shadow in (False, True)}
         self._rewrite_counters: dict[tuple[str, str], Any] = {}
+        self._fields_seen: dict[int, tuple[Rewrites, list[str]]] = {}
         self._closed = False
 
     # -- construction -------------------------------------------------------------------------
@@ -261,6 +262,17 @@ class DefenseChain:
 
     def sampling_defenses(self) -> tuple[SamplingDefense, ...]:
         return tuple(e.defense for _, e in self.sampling if e.mode is Mode.ENFORCE)  # type: ignore[misc]
+
+    def _changed_fields(self, rw: Rewrites) -> list[str]:
+        # defenses reuse their verdicts for common rewrites (request rules' clamps): name their fields once
+        if len(self._fields_seen) > 1024:
+            self._fields_seen.clear()
+        hit = self._fields_seen.get(id(rw))
+        if hit is not None and hit[0] is rw:
+            return hit[1]
+        out = _changed_fields(rw)
+        self._fields_seen[id(rw)] = (rw, out)
+        return out
 
     def _rewrite_counter(self, name: str, field_name: str) -> Any:
         c = self._rewrite_counters.get((name, field_name))
@@ -301,10 +313,14 @@ class DefenseChain:
         for idx, e in self.admission:
             d: AdmissionDefense = e.defense  # type: ignore[assignment]
             t0 = self.clock.monotonic()
-            if cost is None or ctx is not costed:  # once per Admit unless a rewrite changed the request
-                cost, costed = self.estimate(ctx), ctx
+            if not d.uses_cost:
+                priced = _UNPRICED
+            else:
+                if cost is None or ctx is not costed:  # once per Admit unless a rewrite changed the request
+                    cost, costed = self.estimate(ctx), ctx
+                priced = cost
             try:
-                verdict = d.admit(ctx, cost)
+                verdict = d.admit(ctx, priced)
             except InvalidInput:
                 self._release(ctx, admitted)
                 raise
@@ -329,11 +345,12 @@ class DefenseChain:
             if verdict.decision.refuses:
                 refusal = (e.name, verdict)
                 break
-            if not verdict.rewrites.empty:
-                for fname in _changed_fields(verdict.rewrites):
+            rw = verdict.rewrites
+            if rw is not NO_REWRITES and not rw.empty:
+                for fname in self._changed_fields(rw):
                     self._rewrite_counter(e.name, fname).inc()
-                rewrites = rewrites.merge(verdict.rewrites)
-                ctx = verdict.rewrites.apply(ctx)
+                rewrites = rw if rewrites is NO_REWRITES else rewrites.merge(rw)
+                ctx = rw.apply(ctx)
             if verdict.strength > strength:  # later defenses (request rules' caps) see the raised strength
                 strength = verdict.strength
                 ctx = evolve(ctx, strength=strength)
@@ -504,6 +521,7 @@ def _n_changed(a: LogprobBatch, b: LogprobBatch) -> int:
 
 
 _NO_PROMPT = Prompt()
+_UNPRICED = Cost()  # what a defense with ``uses_cost = False`` is handed: never read
 
 
 def _slim(adm: Admission) -> Admission:

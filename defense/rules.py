@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-from .base import AdmissionDefense, OnError
+from .base import AdmissionDefense, Deps, OnError
 from .types import ALLOW, Cost, Decision, RequestContext, Rewrites, Verdict
 
 Action = Literal["strip", "deny", "allow"]
@@ -73,6 +73,10 @@ class RequestRules(AdmissionDefense):
     Params = RequestRulesParams
     default_on_error = OnError.FAIL_CLOSED  # pure and cheap: a failure is a bug, and passing would open the leak
 
+    def __init__(self, params: RequestRulesParams | None = None, *, deps: Deps | None = None) -> None:
+        super().__init__(params, deps=deps)
+        self._verdicts: dict[tuple[tuple[str, object], ...], Verdict] = {}
+
     def caps(self, ctx: RequestContext) -> tuple[int, int | None, int | None, int]:
         """(max_top_logprobs, max_n, max_tokens, the cap before strength) for this request's tier."""
         p: RequestRulesParams = self.params
@@ -87,6 +91,8 @@ class RequestRules(AdmissionDefense):
         if p.shrink_with_strength and ctx.strength > 1.0 and top > 1:
             top = max(1, math.floor(top / ctx.strength))
         return top, max_n, max_tokens, configured
+
+    uses_cost = False  # caps and strips; the budget prices the request
 
     def admit(self, ctx: RequestContext, cost: Cost) -> Verdict:
         p: RequestRulesParams = self.params
@@ -122,4 +128,12 @@ class RequestRules(AdmissionDefense):
             rw["n"] = max_n
         if max_tokens is not None and (ctx.max_tokens is None or ctx.max_tokens > max_tokens):
             rw["max_tokens"] = max_tokens
-        return Verdict(rewrites=Rewrites(**rw)) if rw else ALLOW  # type: ignore[arg-type]
+        if not rw:
+            return ALLOW
+        key = tuple(rw.items())  # a handful of shapes in practice (clamp k, drop logit_bias, ...): built once
+        v = self._verdicts.get(key)
+        if v is None:
+            if len(self._verdicts) > 256:
+                self._verdicts.clear()
+            v = self._verdicts[key] = Verdict(rewrites=Rewrites(**rw))  # type: ignore[arg-type]
+        return v
