@@ -5,6 +5,7 @@ All are frozen: a defense returns new values (``dataclasses.replace``) and never
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,37 @@ import numpy as np
 from .errors import InvalidInput
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+def dict_init(cls: type) -> type:
+    """Give a frozen dataclass (with a ``__dict__``) an ``__init__`` that fills the instance dict in one update.
+
+    The generated one calls ``object.__setattr__`` once per field, about 2 us for RequestContext's 25 on
+    every request. Same signature, defaults, default factories and ``__post_init__``; the instance stays
+    frozen (assignment still raises).
+    """
+    ns: dict[str, Any] = {"_MISSING": dataclasses.MISSING}
+    params, body = [], []
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    for f in fields:
+        if f.default is not dataclasses.MISSING:
+            ns[f"_d_{f.name}"] = f.default
+            params.append(f"{f.name}=_d_{f.name}")
+        elif f.default_factory is not dataclasses.MISSING:
+            ns[f"_f_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=_MISSING")
+            body.append(f"    if {f.name} is _MISSING:\n        {f.name} = _f_{f.name}()")
+        else:
+            params.append(f.name)
+    fill = ", ".join(f"{f.name!r}: {f.name}" for f in fields)
+    src = "\n".join([f"def __init__(self, {', '.join(params)}):", *body, f"    self.__dict__.update({{{fill}}})"])
+    if hasattr(cls, "__post_init__"):
+        src += "\n    self.__post_init__()"
+    exec(src, ns)  # noqa: S102 - source built from the class's own field names, as dataclasses does
+    init = ns["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = init  # type: ignore[misc]
+    return cls
 
 
 def evolve(obj: Any, **changes: Any) -> Any:
@@ -89,8 +121,8 @@ class Prompt:
     tensor_bytes: bytes | None = None
 
     def __post_init__(self) -> None:
-        given = [f for f in ("text", "chat", "token_ids", "tensor_bytes") if getattr(self, f) is not None]
-        if len(given) > 1:
+        if (self.text is not None) + (self.chat is not None) + (self.token_ids is not None) + (self.tensor_bytes is not None) > 1:
+            given = [f for f in ("text", "chat", "token_ids", "tensor_bytes") if getattr(self, f) is not None]
             raise InvalidInput(f"a prompt has one form, got {', '.join(given)}")
 
     @property
@@ -104,6 +136,7 @@ class Prompt:
         return 0
 
 
+@dict_init
 @dataclass(frozen=True)  # no slots: evolve() copies its 25 fields in one dict update on the hot path
 class RequestContext:
     """One request as the chain sees it, built once at the edge by a front."""

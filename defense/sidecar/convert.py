@@ -85,9 +85,10 @@ def prompt_from_pb(msg: pb.Prompt) -> Prompt:
     if which is None:
         return Prompt()
     if which == "text":
-        if len(msg.text) > MAX_PROMPT_CHARS:
+        text = msg.text  # each read of a string field builds a new str
+        if len(text) > MAX_PROMPT_CHARS:
             raise InvalidInput(f"prompt.text is longer than {MAX_PROMPT_CHARS} characters")
-        return Prompt(text=msg.text)
+        return Prompt(text=text)
     if which == "chat":
         return Prompt(chat=tuple(ChatMessage(m.role, m.content) for m in msg.chat.messages))
     if which == "token_ids":

@@ -216,3 +216,25 @@ def test_close_closes_every_defense_even_if_one_raises(clock, metrics):
     chain.close()
     chain.close()
     assert closed == ["a", "b"]
+
+
+def test_request_context_keeps_dataclass_semantics_with_its_fast_init():
+    import dataclasses
+
+    import pytest
+
+    from defense.errors import InvalidInput
+    from defense.types import RequestContext
+
+    c = RequestContext("r1", "c1")
+    assert c.tenant == "default" and c.labels == {} and c.output_values is None and c.strength == 1.0
+    assert set(vars(c)) == {f.name for f in dataclasses.fields(RequestContext)}
+    assert RequestContext(request_id="r1", client_id="c1") == c
+    assert RequestContext("r1", "c1", top_logprobs=3).logprobs is True  # __post_init__ still runs
+    with pytest.raises(InvalidInput, match="request_id"):
+        RequestContext("", "c1")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.client_id = "other"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        RequestContext("r1")  # client_id is required
+    assert dataclasses.replace(c, tenant="t2").tenant == "t2"
