@@ -369,6 +369,13 @@ class SqliteStore(SharedStore):
             gen = int(now // dedup_s)
             local: list[tuple[Bucket, float, float]] = []  # (bucket, amount, tag) back into this process's leases
             charges: list[tuple[Bucket, float]] = []  # forced onto the file (used more than leased here)
+            if rec is not None and gen == self._gen:
+                done = self._settle_known(rec, h, gen, actuals, now)
+                if done is not None:
+                    del self._res[rkey]
+                    if not done:
+                        self.event("settle_duplicate")
+                    return done
             c = self._begin()
             try:
                 if gen != self._gen:
@@ -407,6 +414,28 @@ class SqliteStore(SharedStore):
             elif rec is None:
                 self.event("settle_unknown")
             return first
+
+    def _settle_known(self, rec: list, h: int, gen: int, actuals: Sequence[int], now: float) -> bool | None:
+        """The usual settle: this process holds the reservation and its leases absorb the difference, so the
+        file needs only the settled marker, one autocommit statement (a transaction of its own) instead of
+        BEGIN, INSERT and COMMIT. None: some usage must be charged to the file; the caller's transaction does."""
+        charges: list[tuple[Bucket, float]] = []
+        local = [(b, rec[2][b.unit] - actuals[b.unit], tag) for b, tag in zip(rec[1], rec[5], strict=True)
+                 if rec[2][b.unit] or actuals[b.unit]]
+        local = self._fit(local, charges, now)
+        if charges:
+            return None
+        if self._closed:
+            raise StoreError("store is closed")
+        try:
+            first = self._conn.execute(_MARKS[gen % 2], (h, h)).rowcount == 1
+        except sqlite3.Error as e:
+            raise StoreError(f"sqlite: {e}") from e
+        if not first:  # settled by another process already: release the whole reservation here
+            local = [(b, rec[2][b.unit], tag) for b, tag in zip(rec[1], rec[5], strict=True) if rec[2][b.unit]]
+        for b, diff, tag in local:
+            self._credit(b, diff, tag, now)
+        return first
 
     def _fit(self, local: list[tuple[Bucket, float, float]], charges: list[tuple[Bucket, float]],
              now: float) -> list[tuple[Bucket, float, float]]:

@@ -192,6 +192,26 @@ def test_sqlite_settle_elsewhere_charges_once(tmp_path):
     c.close()
 
 
+def test_sqlite_settle_marker_alone_still_dedups_both_ways(tmp_path):
+    """The usual settle (this process holds the reservation, its leases absorb the usage) writes only the
+    marker, in one statement: a retry elsewhere, before or after it, is still charged once."""
+    a, b = _two(tmp_path)
+    p = plan()
+    use = (1, 10, 30, 40, 0, 0)
+    for rid in ("warm", "r1", "r2"):
+        a.reserve(rid, p, REQ, T0, TTL)
+    assert a.settle("warm", p, use, T0, DEDUP) is True  # sets the marker generation: the next ones take the short path
+    assert a.settle("r1", p, use, T0, DEDUP) is True
+    assert b.settle("r1", p, use, T0, DEDUP) is False  # the retry reaching b
+    assert b.settle("r2", p, use, T0, DEDUP) is True  # b first this time (charges the file)...
+    assert a.settle("r2", p, use, T0, DEDUP) is False  # ...and a's short path sees its marker: released
+    a.close()
+    b.close()
+    c = SqliteStore(str(tmp_path / "s.db"))
+    assert c.status(p, T0)[1][0] == pytest.approx(3 * 40)  # warm, r1, r2: once each
+    c.close()
+
+
 def test_sqlite_max_parallel_across_processes(tmp_path):
     a, b = _two(tmp_path)
     p = plan(parallel=3)
