@@ -13,6 +13,7 @@ perturbation itself runs vectorized on the arrays.
 from __future__ import annotations
 
 import hashlib
+from itertools import chain
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,19 +60,20 @@ def _unique(keys: list[int], texts: list[str]) -> list[int]:
 
 
 _NUMBER_TYPES = frozenset({float, int})
+_STR = frozenset({str})
+_DICT_OR_NONE = frozenset({dict, type(None)})
 
 
 def _numbers(vs: list[Any], where: str) -> list[Any]:
     # exact types: a JSON true is not a logprob, nor is a string that numpy would happily convert
-    if not {type(v) for v in vs} <= _NUMBER_TYPES:
+    if not set(map(type, vs)) <= _NUMBER_TYPES:
         bad = next(v for v in vs if type(v) not in _NUMBER_TYPES)
         raise UpstreamFormatError(f"{where}: expected a number, got {type(bad).__name__}")
     return vs
 
 
 def _keys(texts: list[str]) -> list[int]:
-    get = _ids.get
-    out = [get(t) for t in texts]
+    out = list(map(_ids.get, texts))
     if None in out:
         out = [token_key(t) for t in texts]
     return out  # type: ignore[return-value]
@@ -130,16 +132,18 @@ def read_completion(doc: dict[str, Any]) -> Positions:
     tops = doc.get("top_logprobs") or []
     if not isinstance(tokens, list) or not isinstance(sampled_lp, list) or not isinstance(tops, list):
         raise UpstreamFormatError("completion logprobs: tokens, token_logprobs and top_logprobs must be lists")
-    if not all(type(t) is str for t in tokens):
+    # type checks as sets of types (map and set run in C): the response path's loops are most of its cost
+    if not set(map(type, tokens)) <= _STR:
         raise UpstreamFormatError("completion logprobs: tokens must be strings")
     p = max(len(tokens), len(tops))
     rows = tops + [None] * (p - len(tops))
-    if not all(d is None or type(d) is dict for d in rows):
+    if not set(map(type, rows)) <= _DICT_OR_NONE:
         raise UpstreamFormatError("completion logprobs: each top_logprobs entry must be an object or null")
-    lens = [len(d) if d else 0 for d in rows]
+    full = [d for d in rows if d]
+    lens = list(map(len, rows)) if len(full) == p else [len(d) if d else 0 for d in rows]
     # an object's keys are distinct texts, so distinct keys: no de-duplication needed here
-    ids = _keys([t for d in rows if d for t in d])
-    vals = _numbers([v for d in rows if d for v in d.values()], "top_logprobs")
+    ids = _keys(list(chain.from_iterable(full)))
+    vals = _numbers(list(chain.from_iterable(map(dict.values, full))), "top_logprobs")
     if len(tokens) == p == len(sampled_lp) and None not in sampled_lp:
         sid, sval = _keys(tokens), _numbers(sampled_lp, "token_logprobs")
     else:  # echoed prompt tokens (the first has no logprob) or ragged lists
