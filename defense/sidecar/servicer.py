@@ -42,29 +42,29 @@ class DefenseServicer(pb_grpc.DefenseServiceServicer):
         assert self._metrics is not None  # noqa: S101 - build_runtime always sets it
         h = self._metrics.rpc_duration
         self._ok_timers = {m: h.labels(m, "OK") for m in ("Admit", "Protect", "Settle", "Detect", "GetBudget")}
+        self._admit_ok = self._ok_timers["Admit"]
 
     # -- plumbing -------------------------------------------------------------------------------
     async def _run(self, method: str, context: grpc.aio.ServicerContext, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
-        code = "OK"
         try:
-            return fn()
-        except InvalidInput as e:
-            code = "INVALID_ARGUMENT"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except DefenseFailure as e:
-            code = "INTERNAL"
-            await context.abort(grpc.StatusCode.INTERNAL, str(e))
-        except Exception as e:  # noqa: BLE001 - a bug must answer INTERNAL, never kill the server
-            code = "INTERNAL"
-            log.exception("%s failed with %s", method, type(e).__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})")
-        finally:
-            dt = time.perf_counter() - t0
-            if code == "OK":
-                self._ok_timers[method].observe(dt)
-            else:
-                self._metrics.rpc_duration.labels(method, code).observe(dt)  # type: ignore[union-attr]
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - mapped to a status by _fail
+            await self._fail(method, context, e, t0)
+        self._ok_timers[method].observe(time.perf_counter() - t0)
+        return out
+
+    async def _fail(self, method: str, context: grpc.aio.ServicerContext, e: Exception, t0: float) -> None:
+        """Count and answer a failed call: INVALID_ARGUMENT for bad input, INTERNAL otherwise. Raises."""
+        if isinstance(e, InvalidInput):
+            code, status, message = "INVALID_ARGUMENT", grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        elif isinstance(e, DefenseFailure):
+            code, status, message = "INTERNAL", grpc.StatusCode.INTERNAL, str(e)
+        else:  # a bug must answer INTERNAL, never kill the server
+            log.error("%s failed with %s", method, type(e).__name__, exc_info=e)
+            code, status, message = "INTERNAL", grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})"
+        self._metrics.rpc_duration.labels(method, code).observe(time.perf_counter() - t0)  # type: ignore[union-attr]
+        await context.abort(status, message)
 
     async def _require_admin(self, context: grpc.aio.ServicerContext) -> None:
         if self._admin_token is None:
@@ -76,18 +76,25 @@ class DefenseServicer(pb_grpc.DefenseServiceServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin RPCs need 'authorization: Bearer <admin token>'")
 
     # -- RPCs -----------------------------------------------------------------------------------
-    async def Admit(self, request: pb.AdmitRequest, context: grpc.aio.ServicerContext) -> pb.AdmitResponse:  # noqa: N802
-        def admit() -> pb.AdmitResponse:
-            rt = self.holder.runtime
-            adm = rt.chain.admit(convert.ctx_from_admit(request, received_at=rt.deps.clock.now()))
-            signed = None
-            if adm.allowed and rt.keys is not None:
-                profile = Profile(strength=adm.ctx.strength) if adm.ctx.strength != 1.0 else DEFAULT_PROFILE
-                signed = sign_profile(profile, adm.ctx.request_id, keys=rt.keys, now=rt.deps.clock.now(),
-                                      ttl_s=rt.loaded.config.profile.ttl_s)
-            return convert.admit_response(adm, signed)
+    def _admit(self, request: pb.AdmitRequest) -> pb.AdmitResponse:
+        rt = self.holder.runtime
+        adm = rt.chain.admit(convert.ctx_from_admit(request, received_at=rt.deps.clock.now()))
+        signed = None
+        if adm.allowed and rt.keys is not None:
+            profile = Profile(strength=adm.ctx.strength) if adm.ctx.strength != 1.0 else DEFAULT_PROFILE
+            signed = sign_profile(profile, adm.ctx.request_id, keys=rt.keys, now=rt.deps.clock.now(),
+                                  ttl_s=rt.loaded.config.profile.ttl_s)
+        return convert.admit_response(adm, signed)
 
-        return await self._run("Admit", context, admit)
+    async def Admit(self, request: pb.AdmitRequest, context: grpc.aio.ServicerContext) -> pb.AdmitResponse:  # noqa: N802
+        # the hottest RPC: no closure, no wrapper coroutine on the way to the chain
+        t0 = time.perf_counter()
+        try:
+            out = self._admit(request)
+        except Exception as e:  # noqa: BLE001 - mapped to a status by _fail
+            await self._fail("Admit", context, e, t0)
+        self._admit_ok.observe(time.perf_counter() - t0)
+        return out
 
     async def Protect(self, request: pb.ProtectRequest, context: grpc.aio.ServicerContext) -> pb.ProtectResponse:  # noqa: N802
         def protect() -> pb.ProtectResponse:
