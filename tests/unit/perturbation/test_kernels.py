@@ -111,6 +111,16 @@ def test_keyed_normal_is_the_prf():
                                rtol=1e-15, atol=1e-15)
 
 
+def _same_refusal(b: LogprobBatch, monkeypatch) -> None:
+    """The compiled and the numpy checks refuse ``b`` with the same message."""
+    with pytest.raises(InvalidInput) as fused:
+        check_values(b)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    with pytest.raises(InvalidInput) as ref:
+        check_values(b)
+    assert str(fused.value) == str(ref.value)
+
+
 @pytest.mark.parametrize("case", ["nan", "inf", "positive", "duplicate", "mass"])
 def test_check_values_refuses_the_same_batches_either_way(case, monkeypatch):
     vals = np.log(np.array([[0.5, 0.2, 0.1], [0.4, 0.3, 0.2]], dtype=np.float32))
@@ -125,13 +135,7 @@ def test_check_values_refuses_the_same_batches_either_way(case, monkeypatch):
         ids[1, 1] = 4
     else:
         vals[1] = np.log([0.6, 0.5, 0.9])
-    b = LogprobBatch(values=vals, token_ids=ids)
-    with pytest.raises(InvalidInput) as fused:
-        check_values(b)
-    monkeypatch.setattr(kernels, "ENABLED", False)
-    with pytest.raises(InvalidInput) as ref:
-        check_values(b)
-    assert str(fused.value) == str(ref.value)
+    _same_refusal(LogprobBatch(values=vals, token_ids=ids), monkeypatch)
 
 
 @pytest.mark.parametrize("case", ["nan", "negative", "sum"])
@@ -143,13 +147,8 @@ def test_check_values_refuses_the_same_probability_vectors_either_way(case, monk
         vals[0] = [0.75, -0.25, 0.5]
     else:
         vals[1, 2] = 0.5
-    b = LogprobBatch(values=vals, token_ids=np.empty((2, 0), dtype=np.int64), kind=OutputKind.PROBABILITIES)
-    with pytest.raises(InvalidInput) as fused:
-        check_values(b)
-    monkeypatch.setattr(kernels, "ENABLED", False)
-    with pytest.raises(InvalidInput) as ref:
-        check_values(b)
-    assert str(fused.value) == str(ref.value)
+    _same_refusal(LogprobBatch(values=vals, token_ids=np.empty((2, 0), dtype=np.int64), kind=OutputKind.PROBABILITIES),
+                  monkeypatch)
 
 
 def test_check_values_passes_sound_batches_and_ignores_missing_slots():
