@@ -21,7 +21,7 @@ log = logging.getLogger("distillguard.deferred")
 
 
 class Deferred:
-    """A queue of zero-argument callables run on the event loop that created it (or synchronously, without one)."""
+    """A queue of zero-argument callables, run on the running event loop (or at once when there is none)."""
 
     def __init__(self, *, max_delay_s: float = 0.01, max_pending: int = 256) -> None:
         if max_delay_s < 0 or max_pending < 1:
