@@ -18,8 +18,8 @@ import asyncio
 import contextlib
 import functools
 import itertools
-import math
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence

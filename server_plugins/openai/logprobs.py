@@ -13,8 +13,8 @@ perturbation itself runs vectorized on the arrays.
 from __future__ import annotations
 
 import hashlib
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np

@@ -20,6 +20,8 @@ from support.openai_stack import (
     auth,
     call,
     chat_top_values,
+    check_settle,
+    check_throttle,
     key,
     no_envoy_reason,
     settles,
@@ -129,34 +131,11 @@ def test_chat_buffered_and_streamed(stack):
 
 
 def test_settle_charges_the_engines_usage_and_releases_the_reservation(stack):
-    t = key()
-    r = call("POST", stack.envoy.url + "/v1/completions", completion(), headers=auth(t))
-    usage = r.json()["usage"]
-    disclosed = sum(min(len(row), 5) for row in tops(r.json()))
-    # the settle runs just after the answer is written (defense.deferred), not before
-    assert wait_for(lambda: stack.budget(t)["tokens_per_day"].reserved == 0)
-    limits = stack.budget(t)
-    assert limits["tokens_per_day"].used == usage["total_tokens"] and limits["tokens_per_day"].reserved == 0
-    assert limits["logprob_values_per_day"].used == disclosed
-    assert limits["requests_per_minute"].used == 1
+    assert check_settle(stack, completion)["requests_per_minute"].used == 1
 
 
 def test_throttle_is_429_with_retry_after(stack):
-    t = key()
-    statuses = []
-    for _ in range(12):  # 6 per minute: a refill (one per 10 s) on a slow machine may let one more through
-        r = call("POST", stack.envoy.url + "/v1/completions", completion(max_tokens=1, logprobs=None),
-                 headers=auth(t))
-        statuses.append(r.status)
-        if r.status == 429:
-            break
-    assert statuses[:6] == [200] * 6 and statuses[-1] == 429
-    assert int(r.headers["retry-after"]) >= 1 and r.headers["ratelimit-remaining"] == "0"
-    assert r.json()["error"]["type"] == "rate_limit_error"
-    # nothing held for the refused request (the last admitted one settles just after its answer)
-    assert wait_for(lambda: stack.budget(t)["requests_per_minute"].reserved == 0)
-    other = call("POST", stack.envoy.url + "/v1/completions", completion(max_tokens=1), headers=auth(key()))
-    assert other.status == 200  # budgets are per client
+    check_throttle(stack, completion)
 
 
 def test_upstream_error_settles_and_releases(stack):

@@ -9,6 +9,7 @@ import json
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,3 +225,38 @@ class EnvoyStack:
         with SidecarClient(self.sidecar.target, admin_token=self.ADMIN, timeout_s=5) as c:
             resp = c.get_budget(self.client(token))
         return {lim.name: lim for lim in resp.limits}
+
+
+# -- what both Envoy stacks (the transformers server, vLLM) must show -----------------------------
+def check_settle(stack: EnvoyStack, completion: Callable[..., dict]) -> dict[str, Any]:
+    """One completion through Envoy: once settled (just after the answer, defense.deferred) the budget holds
+    the engine's usage and the logprob values returned, and nothing reserved. Returns the client's limits."""
+    t = key()
+    r = call("POST", stack.envoy.url + "/v1/completions", completion(), headers=auth(t))
+    usage = r.json()["usage"]
+    disclosed = sum(min(len(row), 5) for row in tops(r.json()))
+    assert wait_for(lambda: stack.budget(t)["tokens_per_day"].reserved == 0)
+    limits = stack.budget(t)
+    assert limits["tokens_per_day"].used == usage["total_tokens"]
+    assert limits["logprob_values_per_day"].used == disclosed
+    return limits
+
+
+def check_throttle(stack: EnvoyStack, completion: Callable[..., dict]) -> None:
+    """requests_per_minute is 6 in both configs: the 7th request gets 429 with Retry-After and RateLimit-*,
+    nothing stays reserved for it, and another client still gets 200."""
+    t = key()
+    statuses = []
+    for _ in range(12):  # a refill (one per 10 s) on a slow machine may let one more through
+        r = call("POST", stack.envoy.url + "/v1/completions", completion(max_tokens=1, logprobs=None),
+                 headers=auth(t))
+        statuses.append(r.status)
+        if r.status == 429:
+            break
+    assert statuses[:6] == [200] * 6 and statuses[-1] == 429
+    assert int(r.headers["retry-after"]) >= 1 and r.headers["ratelimit-remaining"] == "0"
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    # nothing held for the refused request (the last admitted one settles just after its answer)
+    assert wait_for(lambda: stack.budget(t)["requests_per_minute"].reserved == 0)
+    other = call("POST", stack.envoy.url + "/v1/completions", completion(max_tokens=1), headers=auth(key()))
+    assert other.status == 200  # budgets are per client
