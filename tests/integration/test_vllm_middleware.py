@@ -63,15 +63,9 @@ def served(tmp_path_factory):
     s.stop()
 
 
-
-
-
-
 def completion(**kw):
     return {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 5,
             "return_token_ids": True, "return_tokens_as_token_ids": True, **kw}
-
-
 
 
 def model_top5(served, doc):
