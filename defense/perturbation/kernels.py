@@ -107,7 +107,7 @@ def shift(values: np.ndarray, ids: np.ndarray, delta: np.ndarray, sampled_ids: n
         # as_logprobs, and the row's target mass (logsumexp with numpy's summation order)
         for j in range(k):
             if dense or ids[i, j] >= 0:
-                v = float(values[i, j])
+                v = np.float64(values[i, j])  # float() keeps float32 in numba: log must run in float64
                 lp[j] = math.log(v) if probabilities else v
             else:
                 lp[j] = ninf
@@ -148,7 +148,7 @@ def shift(values: np.ndarray, ids: np.ndarray, delta: np.ndarray, sampled_ids: n
             if hit:
                 r = best
             else:
-                sv = float(sampled_values[i])
+                sv = np.float64(sampled_values[i])
                 if probabilities:
                     sv = math.log(sv) if sv > 0 else ninf
                 r = sv + delta[i, k] - sh
@@ -223,7 +223,7 @@ def check_top(values: np.ndarray, ids: np.ndarray, slack: float, tol: float) -> 
         total = 0.0
         for j in range(k):
             if ids[i, j] >= 0:
-                v = float(values[i, j])
+                v = np.float64(values[i, j])  # float() keeps float32 in numba: log must run in float64
                 total += math.exp(v if v < 0.0 else 0.0)
         if total > 1.0 + tol:
             return MASS_ABOVE_ONE, i, total, 0

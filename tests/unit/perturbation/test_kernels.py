@@ -85,6 +85,22 @@ def test_probability_vectors_fused_match_numpy(seed, monkeypatch):
     np.testing.assert_allclose(fused.values.sum(1), 1.0, atol=1e-5)
 
 
+def test_float32_near_ties_keep_the_argmax_either_way(monkeypatch):
+    """Values one float32 ulp apart: the log runs in float64 in both paths, so the kept argmax is the same."""
+    logits = np.full((2, 17), -1.1920929e-07)
+    logits[0, 1], logits[1, 0] = 0.0, 1.0
+    b = prob_batch(logits)
+    assert b.values[0, 1] > b.values[0, 0]  # distinct in float32, equal in a float32 log
+    c = ctx(b"\0" * 32)
+    fused, ref = _both(KeyedNoise(KeyedNoiseParams(sigma=1.0), deps=Deps(keys=KEYS)), b, c, monkeypatch)
+    _close(fused, ref)
+    np.testing.assert_array_equal(fused.values.argmax(1), b.values.argmax(1))
+    top = topk_batch(np.log(b.values.astype(np.float64)), 5)
+    fused, ref = _both(KeyedNoise(KeyedNoiseParams(sigma=1.0), deps=Deps(keys=KEYS)), top, c, monkeypatch)
+    _close(fused, ref)
+    np.testing.assert_array_equal(fused.values.argmax(1), top.values.argmax(1))
+
+
 def test_other_logit_shifts_use_the_fused_shift(monkeypatch):
     rng = np.random.default_rng(7)
     b = _with_sampled(topk_batch(rng.normal(0, 3, (16, 50)), 5), rng)
