@@ -12,8 +12,9 @@ processing off for passed paths and upstream errors, so they cost no more messag
   keeps the header in BUFFERED mode and holds the headers until then); a streamed one's is removed;
 - a stream that ends before the response did (the client went away, Envoy reset it) settles as
   CLIENT_ABORT in ``finally``, and an upstream error (non-2xx) settles at once as UPSTREAM_ERROR;
-- a complete answer settles through ``defense.deferred``: queued once written, run while the next request
-  is with the engine (or within 10 ms), off both requests' paths.
+- a complete answer settles through ``defense.deferred``: queued as its last part is handed back (grpc may
+  close the stream generator right after that), run while the next request is with the engine (or within
+  10 ms), off both requests' paths.
 
 The chain runs in this process, on the event loop, as the sidecar's own RPCs do: no second hop.
 """
@@ -146,21 +147,25 @@ class ExtProcServicer:
                 elif which == "response_body":
                     rb = msg.response_body
                     if ex is None or plan is None or plan.mode == "pass":
-                        yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+                        answer = pb.ProcessingResponse(response_body=pb.BodyResponse())
                     elif plan.mode == "stream":
-                        yield pb.ProcessingResponse(response_body=_body(ex.response_chunk(rb.body, rb.end_of_stream)))
+                        answer = pb.ProcessingResponse(response_body=_body(ex.response_chunk(rb.body,
+                                                                                             rb.end_of_stream)))
                     else:
                         result = ex.response_body(rb.body)
                         if isinstance(result, Reply):
-                            yield immediate(result, "distillguard_unprotected_response")
+                            answer = immediate(result, "distillguard_unprotected_response")
                         else:
                             # BUFFERED with headers SENT: Envoy kept content-length and holds the headers
                             # until now; it must match the new body (Envoy refuses a mismatch)
-                            yield pb.ProcessingResponse(response_body=_body(
+                            answer = pb.ProcessingResponse(response_body=_body(
                                 result, set_headers=(("content-length", str(len(result))),)))
                     if ex is not None and ex.complete and not ex.settled:
-                        # the answer is written: settle soon, off this and the next request's path
+                        # settle soon, off this and the next request's path. Queued before the answer is
+                        # handed over: once Envoy has the last body it may close the stream, and grpc then
+                        # closes this generator at the yield, so code after it would never run
                         self.deferred.add(ex.finish)
+                    yield answer
                 elif which == "request_trailers":
                     yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
                 elif which == "response_trailers":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from support import defenses as recorder
 from support.openai_answers import AUTH, completion_answer, completion_stream, make_runtime, req
 
@@ -127,3 +128,31 @@ def test_a_stream_that_ends_early_settles_as_client_abort():
     assert event.startswith(f"settle {SettleStatus.CLIENT_ABORT.value}")
     run(_recorder_runtime(), [request_headers(), request_body(req())])  # no answer at all
     assert [e for _, e in recorder.CALLS if e.startswith("settle")] == ["settle upstream_error 0"]
+
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_complete_answer_settles_even_when_the_stream_is_closed_at_its_last_yield(streamed):
+    """Once Envoy has the last body it may end the stream, and grpc closes the handler's generator where it
+    waits (at that yield): the settle must already be queued, or the reservation stays held until it expires."""
+    if streamed:
+        messages = [request_headers(), request_body(req(stream=True)), response_headers(ctype="text/event-stream"),
+                    response_body(completion_stream(), end=True)]
+    else:
+        messages = [request_headers(), request_body(req()), response_headers(),
+                    response_body(json.dumps(completion_answer()).encode())]
+    servicer = ExtProcServicer(Guard(_recorder_runtime()))
+
+    async def go():
+        async def feed():
+            for m in messages:
+                yield m
+
+        gen = servicer.process(feed(), Ctx())
+        answers = [await gen.__anext__() for _ in messages]
+        await gen.aclose()  # what grpc does once the call is over
+        await asyncio.sleep(0.05)  # past the deferred queue's timer
+        return answers[-1]
+
+    assert asyncio.run(go()).WhichOneof("response") == "response_body"
+    assert [e.split()[:2] for _, e in recorder.CALLS if e.startswith("settle")] == [["settle", "ok"]]
