@@ -7,6 +7,7 @@ One engine for the module; detection runs here, in the main venv, from the gener
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import pytest
@@ -40,7 +41,9 @@ def watermarked(tmp_path_factory):
     model = tiny_model(tmp_path_factory)
     v = vocab_size(model)
     work = tmp_path_factory.mktemp("vllm-watermark")
-    keys_file, keys = write_keys(work)
+    # a fixed key: the unmarked row's p-value is a draw over green lists, below 1e-2 on about one key in a
+    # hundred; with a fresh key per run that draw fails CI now and then for nothing the code did
+    keys_file, keys = write_keys(work, secret=hashlib.sha256(b"distillguard vllm watermark test").digest())
     config = write_config(work, keys_file, [{"type": "watermark", "params": PARAMS}])
     now = time.time()
     off = Profile(watermark=False)

@@ -7,6 +7,7 @@ runs one engine in one subprocess (``vllm_driver.py``) and asserts on the JSON i
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -56,9 +57,19 @@ def vocab_size(model: Path) -> int:
     return int(json.loads((model / "config.json").read_text())["vocab_size"])
 
 
-def write_keys(folder: Path) -> tuple[Path, KeyRing]:
+def write_keys(folder: Path, *, secret: bytes | None = None) -> tuple[Path, KeyRing]:
+    """A key file with one fresh key, or with ``secret`` under a fixed id (a test whose statistics must
+    come out the same on every run: a fresh key redraws the green lists each time)."""
     path = folder / "keys.yaml"
-    write_new_key_file(path)
+    if secret is None:
+        write_new_key_file(path)
+    else:
+        import yaml
+
+        doc = {"version": 1, "keys": [{"id": "k-test-fixed", "status": "active", "created": "2026-01-01T00:00:00Z",
+                                       "secret": base64.b64encode(secret).decode()}]}
+        path.write_text(yaml.safe_dump(doc))
+        path.chmod(0o600)
     return path, KeyRing.load(path)
 
 
