@@ -34,6 +34,7 @@ from support.openai_stack import (
 )
 from support.sidecar import write_config
 from support.vllm_harness import require_vllm, signed_args
+from support.watermark import write_fixed_key_file
 
 from defense.base import Deps
 from defense.profile import Profile
@@ -54,6 +55,8 @@ class Stack(EnvoyStack):
     """vLLM (cpu) with the plugin (keyed noise at the front, the watermark in the engine) behind Envoy."""
 
     def __init__(self, tmp):
+        # a fixed key: the unmarked control's p-value is then the same draw on every run
+        write_fixed_key_file(tmp / "keys.yaml", tag="vllm-envoy")
         config = write_config(tmp, overrides={
             "front": {"envoy_ext_proc": True, "engine_logprobs_mode": "processed"},
             "defenses": [*DEFENSES, WATERMARK]})

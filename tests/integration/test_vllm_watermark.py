@@ -7,7 +7,6 @@ One engine for the module; detection runs here, in the main venv, from the gener
 
 from __future__ import annotations
 
-import hashlib
 import time
 
 import pytest
@@ -43,7 +42,7 @@ def watermarked(tmp_path_factory):
     work = tmp_path_factory.mktemp("vllm-watermark")
     # a fixed key: the unmarked row's p-value is a draw over green lists, below 1e-2 on about one key in a
     # hundred; with a fresh key per run that draw fails CI now and then for nothing the code did
-    keys_file, keys = write_keys(work, secret=hashlib.sha256(b"distillguard vllm watermark test").digest())
+    keys_file, keys = write_keys(work, fixed_tag="vllm-watermark")
     config = write_config(work, keys_file, [{"type": "watermark", "params": PARAMS}])
     now = time.time()
     off = Profile(watermark=False)

@@ -7,7 +7,6 @@ runs one engine in one subprocess (``vllm_driver.py``) and asserts on the JSON i
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 
 from defense.keys import KeyRing, write_new_key_file
 from defense.profile import Profile, sign_profile
+from support.watermark import write_fixed_key_file
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venvs" / "vllm"
@@ -57,19 +57,13 @@ def vocab_size(model: Path) -> int:
     return int(json.loads((model / "config.json").read_text())["vocab_size"])
 
 
-def write_keys(folder: Path, *, secret: bytes | None = None) -> tuple[Path, KeyRing]:
-    """A key file with one fresh key, or with ``secret`` under a fixed id (a test whose statistics must
-    come out the same on every run: a fresh key redraws the green lists each time)."""
+def write_keys(folder: Path, *, fixed_tag: str | None = None) -> tuple[Path, KeyRing]:
+    """A key file with one fresh key, or with ``support.watermark``'s fixed key for ``fixed_tag``."""
     path = folder / "keys.yaml"
-    if secret is None:
+    if fixed_tag is None:
         write_new_key_file(path)
     else:
-        import yaml
-
-        doc = {"version": 1, "keys": [{"id": "k-test-fixed", "status": "active", "created": "2026-01-01T00:00:00Z",
-                                       "secret": base64.b64encode(secret).decode()}]}
-        path.write_text(yaml.safe_dump(doc))
-        path.chmod(0o600)
+        write_fixed_key_file(path, tag=fixed_tag)
     return path, KeyRing.load(path)
 
 

@@ -14,15 +14,20 @@ import yaml
 from defense.keys import KeyRing
 
 
-def fixed_ring(folder: Path, n: int = 1, *, tag: str = "wm", retired: int = 0) -> KeyRing:
-    """A key ring with n keys whose secrets depend only on ``tag``; the first ``retired`` are retired."""
+def write_fixed_key_file(path: Path, n: int = 1, *, tag: str = "wm", retired: int = 0) -> Path:
+    """A key file with n keys whose secrets depend only on ``tag`` (the first ``retired`` retired): tests
+    whose statistics must come out the same on every run (a fresh key redraws every green list)."""
     keys = [{"id": f"k-{tag}-{i}", "status": "retired" if i < retired else "active",
              "secret": base64.b64encode(hashlib.sha256(f"distillguard-test/{tag}/{i}".encode()).digest()).decode()}
             for i in range(n)]
-    path = folder / f"keys-{tag}-{n}-{retired}.yaml"
     path.write_text(yaml.safe_dump({"version": 1, "keys": keys}))
     os.chmod(path, 0o600)
-    return KeyRing.load(path)
+    return path
+
+
+def fixed_ring(folder: Path, n: int = 1, *, tag: str = "wm", retired: int = 0) -> KeyRing:
+    """``write_fixed_key_file``'s keys, loaded."""
+    return KeyRing.load(write_fixed_key_file(folder / f"keys-{tag}-{n}-{retired}.yaml", n, tag=tag, retired=retired))
 
 
 @contextlib.contextmanager
