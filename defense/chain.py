@@ -12,7 +12,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -58,9 +58,9 @@ class ChainEntry:
     on_error: OnError = OnError.FAIL_OPEN
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
-    """What one defense did to one request (for the demo, audit logs and tests)."""
+class Step(NamedTuple):
+    """What one defense did to one request (for the demo, audit logs and tests). A named tuple: made for
+    every defense on every request, at a quarter of a frozen dataclass's cost."""
 
     defense: str
     mode: Mode
@@ -96,10 +96,20 @@ class Protected:
 
 @dataclass(slots=True)
 class _Record:
-    admission: Admission
+    """An admission as the ledger keeps it: its context without the prompt or input (the digest stays), so
+    100k remembered requests hold neither their prompts' memory nor objects for the collector to walk,
+    and its other fields as a tuple in Admission's order (no second Admission built per request)."""
+
+    ctx: RequestContext
+    fields: tuple[Any, ...]  # Admission's fields after ctx
     expires: float
     admitted_by: tuple[int, ...] = ()
     settled: bool = False
+
+    @property
+    def admission(self) -> Admission:
+        """The remembered admission (a retried Admit gets it back; settle needs identity, model, digest)."""
+        return Admission(self.fields[0], self.ctx, *self.fields[1:])
 
 
 @dataclass(slots=True)
@@ -125,10 +135,12 @@ class AdmissionLedger:
         return rec
 
     def put(self, key: tuple[str, str, str], rec: _Record) -> None:
-        self.records[key] = rec
-        self.records.move_to_end(key)
-        while len(self.records) > self.max_entries:
-            self.records.popitem(last=False)
+        records = self.records
+        if key in records:
+            records.move_to_end(key)
+        records[key] = rec  # a new key goes to the end
+        while len(records) > self.max_entries:
+            records.popitem(last=False)
 
 
 def _key(ctx: RequestContext) -> tuple[str, str, str]:
@@ -237,6 +249,10 @@ class DefenseChain:
                            for e in self.entries for d in Decision}
         self._requests = {(d, shadow): m.requests.labels(d.value, "true" if shadow else "false")
                           for d in Decision for shadow in (False, True)}
+        # per admission entry: its admit timer and its decision counters by Decision (no key tuples per call)
+        self._admit_metrics = {i: (self._timers[(e.name, "admit")],
+                                   {d: self._decisions[(e.name, d.value, e.mode.value)] for d in Decision})
+                               for i, e in self.admission}
         self._rewrite_counters: dict[tuple[str, str], Any] = {}
         self._fields_seen: dict[int, tuple[Rewrites, list[str]]] = {}
         self._closed = False
@@ -333,10 +349,11 @@ class DefenseChain:
                     raise DefenseFailure(e.name, "admit", exc) from exc
                 continue
             dt = self.clock.monotonic() - t0
-            self._timers[(e.name, "admit")].observe(dt)
-            steps.append(Step(e.name, e.mode, verdict=verdict, seconds=dt))
+            timer, decisions = self._admit_metrics[idx]
+            timer.observe(dt)
+            steps.append(Step(e.name, e.mode, verdict, "", dt))
             admitted.append(idx)
-            self._decisions[(e.name, verdict.decision.value, e.mode.value)].inc()
+            decisions[verdict.decision].inc()
             if e.mode is Mode.SHADOW:
                 if verdict.decision.refuses or not verdict.rewrites.empty or verdict.strength != 1.0:
                     m.shadow_effects.labels(e.name, "admit").inc()
@@ -355,19 +372,20 @@ class DefenseChain:
                 strength = verdict.strength
                 ctx = evolve(ctx, strength=strength)
             reservation = reservation or verdict.reservation_id
+        # Admission's fields after ctx, in order: the result and the ledger's record share them
         if refusal is not None:
             name, v = refusal
             self._release(ctx, [i for i in admitted if self.entries[i].name != name])
-            result = Admission(v.decision, ctx, reason=v.reason, reason_code=v.reason_code,
-                               retry_after_s=v.retry_after_s, shadow=shadow, decided_by=name, steps=tuple(steps))
+            fields = (v.decision, v.reason, v.reason_code, v.retry_after_s, "", NO_REWRITES, shadow, name,
+                      tuple(steps))
         else:
             ctx = evolve(ctx, strength=strength) if strength != ctx.strength else ctx
-            decision = Decision.ALLOW if rewrites.empty else Decision.ALLOW_MODIFIED
-            result = Admission(decision, ctx, reservation_id=reservation or _reservation_id(ctx), rewrites=rewrites,
-                               shadow=shadow, steps=tuple(steps))
-        self._requests[(result.decision, shadow)].inc()
-        self.ledger.put(key, _Record(_slim(result), now + self.ledger.ttl_s, tuple(admitted),
-                                     settled=result.decision.refuses))
+            fields = (Decision.ALLOW if rewrites.empty else Decision.ALLOW_MODIFIED, "", "", 0.0,
+                      reservation or _reservation_id(ctx), rewrites, shadow, "", tuple(steps))
+        result = Admission(fields[0], ctx, *fields[1:])
+        self._requests[(fields[0], shadow)].inc()
+        self.ledger.put(key, _Record(_slim(ctx), fields, now + self.ledger.ttl_s, tuple(admitted),
+                                     settled=fields[0].refuses))
         return result
 
     def settle(self, ctx: RequestContext, usage: Usage) -> bool:
@@ -379,7 +397,7 @@ class DefenseChain:
             return False
         if rec is not None:
             rec.settled = True
-            ctx = rec.admission.ctx
+            ctx = rec.ctx
             targets = rec.admitted_by
         else:  # admitted by another replica or before a restart: stores settle idempotently on request_id
             targets = tuple(i for i, _ in self.admission)
@@ -524,13 +542,11 @@ _NO_PROMPT = Prompt()
 _UNPRICED = Cost()  # what a defense with ``uses_cost = False`` is handed: never read
 
 
-def _slim(adm: Admission) -> Admission:
-    """The admission as the ledger keeps it: without the prompt or input (its digest stays), so 100k remembered
-    requests hold neither their prompts' memory nor objects for the collector to walk. A retried Admit
-    gets this copy back; settle needs only identity, model and digest."""
-    if adm.ctx.prompt is _NO_PROMPT and adm.ctx.input_values is None:
-        return adm
-    return evolve(adm, ctx=evolve(adm.ctx, prompt=_NO_PROMPT, input_values=None))
+def _slim(ctx: RequestContext) -> RequestContext:
+    """The context as the ledger keeps it: without the prompt or input (its digest stays)."""
+    if ctx.prompt is _NO_PROMPT and ctx.input_values is None:
+        return ctx
+    return evolve(ctx, prompt=_NO_PROMPT, input_values=None)
 
 
 def _reservation_id(ctx: RequestContext) -> str:
