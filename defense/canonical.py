@@ -31,7 +31,7 @@ def canonical_prompt(prompt: Prompt) -> tuple[bytes, bytes]:
     if prompt.text is not None:
         return b"text", canonical_text(prompt.text).encode()
     if prompt.chat is not None:
-        parts = (canonical_text(m.role) + _US + canonical_text(m.content) for m in prompt.chat)
+        parts = [canonical_text(m.role) + _US + canonical_text(m.content) for m in prompt.chat]
         return b"chat", _RS.join(parts).encode()
     if prompt.token_ids is not None:
         return b"ids", struct.pack(f"<{len(prompt.token_ids)}q", *prompt.token_ids)
@@ -43,8 +43,9 @@ def canonical_prompt(prompt: Prompt) -> tuple[bytes, bytes]:
 def context_digest(model: str, prompt: Prompt) -> bytes:
     """32-byte SHA-256 over the model and canonical prompt, length-framed so fields cannot run together."""
     tag, body = canonical_prompt(prompt)
-    h = hashlib.sha256(_VERSION)
-    for part in (canonical_text(model).encode(), tag, body):
-        h.update(struct.pack("<Q", len(part)))
-        h.update(part)
-    return h.digest()
+    name = canonical_text(model).encode()
+    return hashlib.sha256(b"".join((_VERSION, _LEN(len(name)), name, _LEN(len(tag)), tag, _LEN(len(body)),
+                                    body))).digest()
+
+
+_LEN = struct.Struct("<Q").pack

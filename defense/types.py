@@ -51,6 +51,9 @@ def dict_init(cls: type) -> type:
     return cls
 
 
+_new, _set = object.__new__, object.__setattr__
+
+
 def evolve(obj: Any, **changes: Any) -> Any:
     """``dataclasses.replace`` without re-running ``__post_init__``, for the admission hot path.
 
@@ -233,7 +236,15 @@ class Cost:
         values = completion * k + (prompt * k if ctx.prompt_logprobs or ctx.echo else 0)
         if ctx.output_values is not None:  # a tensor API that knows its output shapes
             values = ctx.output_values
-        return cls(requests=1, prompt_tokens=prompt, completion_tokens=completion, logprob_values=values)
+        if prompt < 0 or completion < 0 or values < 0:
+            return cls(requests=1, prompt_tokens=prompt, completion_tokens=completion, logprob_values=values)  # raises
+        # checked just above: built without __post_init__'s field-by-field pass (once per Admit)
+        cost = _new(cls)
+        _set(cost, "requests", 1)
+        _set(cost, "prompt_tokens", prompt)
+        _set(cost, "completion_tokens", completion)
+        _set(cost, "logprob_values", values)
+        return cost
 
 
 @dataclass(frozen=True, slots=True)
