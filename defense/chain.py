@@ -6,11 +6,12 @@ new chain and swaps it in, so a request never sees half of one config and half o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -227,6 +228,7 @@ class DefenseChain:
         clock: Clock = SYSTEM_CLOCK,
         identity: IdentitySettings = _DEFAULT_IDENTITY,
         ledger: AdmissionLedger | None = None,
+        bookkeeping: Callable[[Callable[[], object]], object] | None = None,
     ) -> None:
         names = [e.name for e in entries]
         if len(set(names)) != len(names):
@@ -241,6 +243,11 @@ class DefenseChain:
         self.response = tuple((i, e) for i, e in live if isinstance(e.defense, ResponseDefense))
         # shared across config reloads so a retried Admit or Settle stays idempotent through a reload
         self.ledger = ledger if ledger is not None else AdmissionLedger()
+        # where an Admit's bookkeeping runs once its decision is made (metrics, the ledger's record): None
+        # runs it inline; a host serving on an event loop passes defense.deferred.soon, which runs it on the
+        # loop's next turn, after the answer is handed over (a retried Admit that races it is admitted
+        # again, which the budget store absorbs: its reservations are idempotent on the request id)
+        self.bookkeeping = bookkeeping
         # label children bound once: a labels() lookup per call would cost more than a cheap defense
         m = self.metrics
         self._timers = {(e.name, s): m.defense_duration.labels(e.name, s)
@@ -349,11 +356,8 @@ class DefenseChain:
                     raise DefenseFailure(e.name, "admit", exc) from exc
                 continue
             dt = self.clock.monotonic() - t0
-            timer, decisions = self._admit_metrics[idx]
-            timer.observe(dt)
             steps.append(Step(e.name, e.mode, verdict, "", dt))
             admitted.append(idx)
-            decisions[verdict.decision].inc()
             if e.mode is Mode.SHADOW:
                 if verdict.decision.refuses or not verdict.rewrites.empty or verdict.strength != 1.0:
                     m.shadow_effects.labels(e.name, "admit").inc()
@@ -364,8 +368,6 @@ class DefenseChain:
                 break
             rw = verdict.rewrites
             if rw is not NO_REWRITES and not rw.empty:
-                for fname in self._changed_fields(rw):
-                    self._rewrite_counter(e.name, fname).inc()
                 rewrites = rw if rewrites is NO_REWRITES else rewrites.merge(rw)
                 ctx = rw.apply(ctx)
             if verdict.strength > strength:  # later defenses (request rules' caps) see the raised strength
@@ -383,10 +385,29 @@ class DefenseChain:
             fields = (Decision.ALLOW if rewrites.empty else Decision.ALLOW_MODIFIED, "", "", 0.0,
                       reservation or _reservation_id(ctx), rewrites, shadow, "", tuple(steps))
         result = Admission(fields[0], ctx, *fields[1:])
-        self._requests[(fields[0], shadow)].inc()
+        if self.bookkeeping is None:
+            self._book(key, ctx, fields, admitted, now)
+        else:
+            self.bookkeeping(functools.partial(self._book, key, ctx, fields, admitted, now))
+        return result
+
+    def _book(self, key: tuple[str, str, str], ctx: RequestContext, fields: tuple[Any, ...], admitted: list[int],
+              now: float) -> None:
+        """An Admit's metrics and ledger record (see ``bookkeeping``): timers and decisions per defense that
+        answered (its steps, in ``admitted``'s order), rewrites per field, the request's outcome."""
+        entries = self.entries
+        for idx, step in zip(admitted, [s for s in fields[8] if not s.error], strict=True):
+            timer, decisions = self._admit_metrics[idx]
+            timer.observe(step.seconds)
+            verdict: Verdict = step.verdict  # type: ignore[assignment]
+            decisions[verdict.decision].inc()
+            rw = verdict.rewrites
+            if rw is not NO_REWRITES and step.mode is not Mode.SHADOW and not verdict.decision.refuses and not rw.empty:
+                for fname in self._changed_fields(rw):
+                    self._rewrite_counter(entries[idx].name, fname).inc()
+        self._requests[(fields[0], fields[6])].inc()
         self.ledger.put(key, _Record(_slim(ctx), fields, now + self.ledger.ttl_s, tuple(admitted),
                                      settled=fields[0].refuses))
-        return result
 
     def settle(self, ctx: RequestContext, usage: Usage) -> bool:
         """Charge actual usage to every admission defense. Returns False for a retry (charged once)."""

@@ -20,6 +20,16 @@ from collections.abc import Callable
 log = logging.getLogger("distillguard.deferred")
 
 
+def soon(fn: Callable[[], object]) -> None:
+    """Run ``fn`` on the running loop's next turn (after what the current callback hands over), or at once
+    when there is no loop: the admission chain's ``bookkeeping`` in servers."""
+    loop = asyncio.events._get_running_loop()
+    if loop is None:
+        fn()
+    else:
+        loop.call_soon(fn)
+
+
 class Deferred:
     """A queue of zero-argument callables, run on the running event loop (or at once when there is none)."""
 

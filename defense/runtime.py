@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .base import Deps
@@ -50,12 +51,15 @@ def build_runtime(
     clock: Clock = SYSTEM_CLOCK,
     require_keys: bool = True,
     ledger: AdmissionLedger | None = None,
+    bookkeeping: Callable[[Callable[[], object]], object] | None = None,
 ) -> Runtime:
+    """The live objects a config describes. ``bookkeeping``: see DefenseChain (servers on an event loop
+    pass defense.deferred.soon)."""
     loaded = loaded or load_config(path)
     if keys is None:
         keys = load_keys(loaded, required=require_keys)
     deps = Deps(keys=keys, clock=clock, metrics=metrics or Metrics(), state_uri=loaded.config.state.uri)
-    chain = DefenseChain.from_config(loaded, deps=deps, ledger=ledger)
+    chain = DefenseChain.from_config(loaded, deps=deps, ledger=ledger, bookkeeping=bookkeeping)
     if chain.response:
         kernels.warm()  # compile (or load) the response path's kernels now, not in the first request
     if deps.metrics is not None:

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .. import __version__
 from ..config import LoadedConfig, ServerSettings, check_listen_address, load_config
-from ..deferred import Deferred
+from ..deferred import Deferred, soon
 from ..errors import ConfigError
 from ..metrics import Metrics
 from ..runtime import build_runtime, keys_path, load_keys
@@ -113,7 +113,8 @@ class Sidecar:
         self.metrics.build_info.labels(__version__).set(1)
         loaded = load_config(config_path)
         self.settings = self._settings(loaded)
-        self.holder = RuntimeHolder(build_runtime(loaded=loaded, keys=load_keys(loaded), metrics=self.metrics))
+        self.holder = RuntimeHolder(build_runtime(loaded=loaded, keys=load_keys(loaded), metrics=self.metrics,
+                                                bookkeeping=soon))
         self._stamp = self._file_stamp(loaded)
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -151,7 +152,7 @@ class Sidecar:
                 log.warning("server settings changed in %s; they apply at the next restart", self.config_path)
             old = self.holder.runtime
             self.holder.runtime = build_runtime(loaded=loaded, keys=load_keys(loaded), metrics=self.metrics,
-                                                ledger=old.chain.ledger)
+                                                ledger=old.chain.ledger, bookkeeping=soon)
             self._stamp = stamp
         except Exception as e:  # noqa: BLE001 - any failure keeps the last good config
             self.metrics.config_reloads.labels("failure").inc()

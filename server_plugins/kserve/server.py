@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from defense import __version__
 from defense.config import check_listen_address, load_config
+from defense.deferred import soon
 from defense.errors import ConfigError
 from defense.metrics import Metrics
 from defense.runtime import build_runtime, load_keys
@@ -63,7 +64,8 @@ class ProxyServer:
         self.metrics = Metrics()
         self.metrics.build_info.labels(__version__).set(1)
         loaded = load_config(config_path)
-        self.holder = RuntimeHolder(build_runtime(loaded=loaded, keys=load_keys(loaded), metrics=self.metrics))
+        self.holder = RuntimeHolder(build_runtime(loaded=loaded, keys=load_keys(loaded), metrics=self.metrics,
+                                                bookkeeping=soon))
         self.proxy = KServeProxy(settings, self.holder)
         self._stop = asyncio.Event()
         self.addresses: list[str] = []
@@ -74,7 +76,7 @@ class ProxyServer:
             loaded = load_config(self.config_path)
             old = self.holder.runtime
             self.holder.runtime = build_runtime(loaded=loaded, keys=load_keys(loaded), metrics=self.metrics,
-                                                ledger=old.chain.ledger)
+                                                ledger=old.chain.ledger, bookkeeping=soon)
         except Exception as e:  # noqa: BLE001 - any failure keeps the running chain
             self.metrics.config_reloads.labels("failure").inc()
             log.error("config reload failed, keeping the running config: %s", e)

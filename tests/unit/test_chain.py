@@ -238,3 +238,57 @@ def test_request_context_keeps_dataclass_semantics_with_its_fast_init():
     with pytest.raises(TypeError):
         RequestContext("r1")  # client_id is required
     assert dataclasses.replace(c, tenant="t2").tenant == "t2"
+
+
+def _admit_metrics(metrics):
+    names = [("distillguard_requests_total", {"decision": "allow_modified", "shadow": "true"}),
+             ("distillguard_defense_decisions_total", {"defense": "a", "decision": "allow_modified",
+                                                       "mode": "enforce"}),
+             ("distillguard_defense_decisions_total", {"defense": "b", "decision": "deny", "mode": "shadow"}),
+             ("distillguard_defense_duration_seconds_count", {"defense": "a", "stage": "admit"}),
+             ("distillguard_defense_duration_seconds_count", {"defense": "b", "stage": "admit"})]
+    rewrites = [s.labels for f in metrics.registry.collect() if f.name == "distillguard_rewrites"
+                for s in f.samples if s.name.endswith("_total") and s.value]
+    return [sample(metrics, n, **labels) for n, labels in names], rewrites
+
+
+def test_deferred_bookkeeping_counts_and_remembers_the_same_only_later(clock):
+    from defense.metrics import Metrics
+
+    def run(bookkeeping):
+        metrics = Metrics()
+        chain = DefenseChain([rec("a", cap_top_logprobs=2), rec("b", mode=Mode.SHADOW, decision="deny")],
+                             metrics=metrics, clock=clock, bookkeeping=bookkeeping)
+        adm = chain.admit(ctx("rid-1", top_logprobs=5))
+        return metrics, chain, adm
+
+    inline, chain_i, adm_i = run(None)
+    queued: list = []
+    later, chain_d, adm_d = run(queued.append)
+    assert (adm_d.decision, adm_d.rewrites, adm_d.reservation_id) == (adm_i.decision, adm_i.rewrites,
+                                                                      adm_i.reservation_id)
+    assert len(queued) == 1 and not chain_d.ledger.records
+    assert _admit_metrics(later)[0] == [0.0] * 5
+    queued.pop()()
+    assert _admit_metrics(later) == _admit_metrics(inline)
+    assert _admit_metrics(inline)[0] == [1.0] * 5 and _admit_metrics(inline)[1]  # the clamp is counted
+    assert chain_d.admit(ctx("rid-1", top_logprobs=5)).reservation_id == adm_i.reservation_id  # remembered
+    assert sum(1 for t, e in sd.CALLS if t == "a" and e.startswith("admit")) == 2  # once per chain
+
+
+def test_soon_runs_on_the_loops_next_turn_or_at_once_without_a_loop():
+    import asyncio
+
+    from defense.deferred import soon
+
+    ran: list[str] = []
+    soon(lambda: ran.append("no loop"))
+    assert ran == ["no loop"]
+
+    async def go():
+        soon(lambda: ran.append("later"))
+        ran.append("first")
+        await asyncio.sleep(0)
+        return list(ran)
+
+    assert asyncio.run(go()) == ["no loop", "first", "later"]
