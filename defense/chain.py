@@ -61,7 +61,7 @@ class ChainEntry:
 
 class Step(NamedTuple):
     """What one defense did to one request (for the demo, audit logs and tests). A named tuple: made for
-    every defense on every request, at a quarter of a frozen dataclass's cost."""
+    every defense on every request, at half a frozen dataclass's cost."""
 
     defense: str
     mode: Mode
