@@ -13,8 +13,7 @@ processing off for passed paths and upstream errors, so they cost no more messag
 - a stream that ends before the response did (the client went away, Envoy reset it) settles as
   CLIENT_ABORT in ``finally``, and an upstream error (non-2xx) settles at once as UPSTREAM_ERROR;
 - a complete answer settles through ``defense.deferred``: queued as its last part is handed back (grpc may
-  close the stream generator right after that), run while the next request is with the engine (or within
-  10 ms), off both requests' paths.
+  close the stream generator right after that) and run on the loop's next turn, off the client's path.
 
 The chain runs in this process, on the event loop, as the sidecar's own RPCs do: no second hop.
 """
@@ -81,7 +80,7 @@ def _body(data: bytes, *, set_headers: tuple[tuple[str, str], ...] = (), remove:
 class ExtProcServicer:
     def __init__(self, guard: Guard, deferred: Deferred | None = None) -> None:
         self.guard = guard
-        # settles of answered exchanges: run while a later request is with the engine (or within 10 ms)
+        # settles of answered exchanges: run on the loop's next turn, once the answer is handed back
         self.deferred = deferred if deferred is not None else Deferred()
 
     async def process(self, requests: AsyncIterator[pb.ProcessingRequest],
@@ -116,9 +115,6 @@ class ExtProcServicer:
                         continue
                     out = ex.request(bytes(body))
                     if isinstance(out, Forward):
-                        # grpc starts writing this answer before the loop's next turn: the queued settles run
-                        # while Envoy sends the request on to the engine
-                        self.deferred.drain_soon()
                         yield pb.ProcessingResponse(request_body=_body(out.body, set_headers=out.set_headers,
                                                                        remove=out.remove_headers))
                     else:

@@ -93,7 +93,7 @@ class KServeProxy:
         self._id_prefix = f"kserve-{uuid.uuid4().hex[:16]}-"
         self._seq = itertools.count()
         self._ok_infer = m.rpc_duration.labels("kserve.ModelInfer", "OK")  # bound once: a lookup per call costs
-        # settles of answered requests, run while the loop waits on Triton for a later one (or within 10 ms)
+        # settles of answered requests, run on the loop's next turn once the call is over (defense.deferred)
         self.deferred = Deferred()
 
     # -- wiring ---------------------------------------------------------------------------------
@@ -372,7 +372,6 @@ class KServeProxy:
             try:
                 call = self._calls["ModelInfer"](prep.upstream, timeout=self._timeout(context),
                                                  metadata=self._forward(md))
-                self.deferred.drain_soon()  # earlier answers settle while Triton works on this one
                 out = await call
             except grpc.aio.AioRpcError as e:
                 self.settle(prep, SettleStatus.UPSTREAM_ERROR)

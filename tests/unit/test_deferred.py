@@ -29,19 +29,15 @@ def test_the_timer_runs_what_nothing_drained():
     asyncio.run(main())
 
 
-def test_drain_soon_runs_after_what_was_scheduled_before_it():
+def test_by_default_work_runs_on_the_next_turn_never_inline():
     async def main():
         order = []
-        d = Deferred(max_delay_s=10)
+        d = Deferred()
         d.add(lambda: order.append("settle"))
-        loop = asyncio.get_running_loop()
-        loop.call_soon(order.append, "upstream call")  # what the front started just before
-        d.drain_soon()
-        d.drain_soon()  # once is enough
+        order.append("answer handed back")
         await asyncio.sleep(0)
         await asyncio.sleep(0)
-        assert order == ["upstream call", "settle"]
-        assert d._timer is None  # the timer was cancelled with the drain
+        assert order == ["answer handed back", "settle"] and len(d) == 0
 
     asyncio.run(main())
 
