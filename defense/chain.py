@@ -243,7 +243,8 @@ class DefenseChain:
         self.response = tuple((i, e) for i, e in live if isinstance(e.defense, ResponseDefense))
         # shared across config reloads so a retried Admit or Settle stays idempotent through a reload
         self.ledger = ledger if ledger is not None else AdmissionLedger()
-        # where an Admit's bookkeeping runs once its decision is made (metrics, the ledger's record): None
+        # where an Admit's bookkeeping runs once its decision is made (metrics, the ledger's record), and a
+        # Protect's (its timers and changed-value counters): None
         # runs it inline; a host serving on an event loop passes defense.deferred.soon, which runs it on the
         # loop's next turn, after the answer is handed over (a retried Admit that races it is admitted
         # again, which the budget store absorbs: its reservations are idempotent on the request id)
@@ -452,6 +453,7 @@ class DefenseChain:
         ctx = self.prepare(ctx)
         applied: list[str] = []
         steps: list[Step] = []
+        counts: list[int] = []  # values each defense that answered changed, in steps' order
         current = batch
         for _, e in self.response:
             d: ResponseDefense = e.defense  # type: ignore[assignment]
@@ -468,18 +470,28 @@ class DefenseChain:
                     raise DefenseFailure(e.name, "protect", exc) from exc
                 continue
             dt = self.clock.monotonic() - t0
-            self._timers[(e.name, "protect")].observe(dt)
             steps.append(Step(e.name, e.mode, seconds=dt))
             changed = _n_changed(current, out)
+            if changed and e.mode is not Mode.SHADOW:
+                applied.append(e.name)
+                current = out
+            counts.append(changed)
+        if self.bookkeeping is None:
+            self._book_protect(steps, counts)
+        else:  # like an Admit's: once the answer is on its way
+            self.bookkeeping(functools.partial(self._book_protect, steps, counts))
+        return Protected(current, tuple(applied), tuple(steps))
+
+    def _book_protect(self, steps: list[Step], counts: list[int]) -> None:
+        """A Protect's metrics: each defense's time, and the values it changed (or would have, in shadow)."""
+        for step, changed in zip([s for s in steps if not s.error], counts, strict=True):
+            self._timers[(step.defense, "protect")].observe(step.seconds)
             if not changed:
                 continue
-            if e.mode is Mode.SHADOW:
-                self.metrics.shadow_effects.labels(e.name, "protect").inc()
-                continue
-            self.metrics.values_changed.labels(e.name).inc(changed)
-            applied.append(e.name)
-            current = out
-        return Protected(current, tuple(applied), tuple(steps))
+            if step.mode is Mode.SHADOW:
+                self.metrics.shadow_effects.labels(step.defense, "protect").inc()
+            else:
+                self.metrics.values_changed.labels(step.defense).inc(changed)
 
     # -- sampling -------------------------------------------------------------------------------
     def process_logits(

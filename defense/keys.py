@@ -98,6 +98,7 @@ class KeyRing:
         self.primary_id = [e.key_id for e in entries if e.status == "active"][-1]
         self._cache: dict[tuple[str, str, str, int], bytes] = {}
         self._macs: dict[tuple[str, str, str], hmac.HMAC] = {}  # keyed HMAC states; never repr'd or pickled
+        self._memos: dict[str, dict] = {}
 
     def __repr__(self) -> str:
         return f"KeyRing(source={self.source!r}, key_ids={list(self._entries)}, primary={self.primary_id!r})"
@@ -136,6 +137,14 @@ class KeyRing:
         for kid in order:
             if include_retired or self._entries[kid].status == "active":
                 yield kid, self.derive(purpose, tenant=tenant, key_id=kid)
+
+    def memo(self, purpose: str) -> dict:
+        """A dict for results computed with this ring's keys (callers bound its size); it lives and goes
+        with the ring, so a reloaded or rotated key file never serves a result of the old keys."""
+        m = self._memos.get(purpose)
+        if m is None:
+            m = self._memos[purpose] = {}
+        return m
 
     def mac(self, purpose: str, data: bytes, *, tenant: str = "", key_id: str | None = None) -> bytes:
         ck = (purpose, tenant, key_id or self.primary_id)

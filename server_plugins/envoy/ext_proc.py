@@ -102,6 +102,9 @@ class ExtProcServicer:
                         yield immediate(error_reply(400, "the request has no body; send a JSON object", code="no_body"))
                     else:
                         yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+                        # grpc resumes this generator once the answer is written: Envoy sends the body
+                        # meanwhile, and what the body does not change is ready when it comes
+                        ex.prepare()
                 elif which == "request_body":
                     if ex is None or ex.action != "guard":
                         yield pb.ProcessingResponse(request_body=pb.BodyResponse())

@@ -51,6 +51,8 @@ _REQUEST_CODES = frozenset({"top_logprobs_all", "top_logprobs_over_cap", "logit_
                             "echo_with_logprobs", "raw_logits_outputs", "budget_request_too_large"})
 MAX_RESPONSE_BYTES = 64 << 20  # a buffered (decoded) engine answer above this is refused, not held
 RID_HEADER = "x-distillguard-request-id"
+_PRESIGNED_FOR_S = 1.0  # a profile signed at the headers is used if the body comes within this
+_STRENGTHS_MAX = 8192  # clients whose last strength a Guard remembers; it starts over when full
 
 
 def normalize_path(raw: str) -> str:
@@ -87,17 +89,22 @@ class Guard:
         if self._runtime().keys is None:
             raise ValueError("an HTTP front needs the key file: client ids are keyed hashes of API keys")
 
+        # each client's strength at its last admission: the profile an Exchange signs ahead (``prepare``)
+        self._strengths: dict[str, float] = {}
+
     def start(self, method: str, path: str, headers: Mapping[str, str]) -> Exchange:
         """Headers are lower-case names; a repeated header joined with ','."""
-        return Exchange(self._runtime(), method.upper(), path, headers)
+        return Exchange(self._runtime(), method.upper(), path, headers, strengths=self._strengths)
 
 
 class Exchange:
     """One request's state. ``action`` after construction: "guard" (send the body to ``request``), "pass"
     (forward untouched, nothing more to do) or "reply" (send ``reply`` instead of forwarding)."""
 
-    def __init__(self, rt: Runtime, method: str, raw_path: str, headers: Mapping[str, str]) -> None:
+    def __init__(self, rt: Runtime, method: str, raw_path: str, headers: Mapping[str, str], *,
+                 strengths: dict[str, float] | None = None) -> None:
         self.rt = rt
+        self._strengths = strengths if strengths is not None else {}
         self.front = rt.loaded.config.front
         self.reply: Reply | None = None
         self.adm: Admission | None = None
@@ -115,8 +122,10 @@ class Exchange:
         self._buf: list[bytes] = []
         self._size = 0
         self.headers = headers
-        path = normalize_path(raw_path)
+        path = raw_path if raw_path in GUARDED else normalize_path(raw_path)  # the usual case is already normal
         self.path = path
+        self._ident: tuple[str, str] | None = None
+        self._presigned: tuple[float, float, dict[str, str]] | None = None  # strength, signed at, xargs
         self.api = GUARDED.get(path)
         if self.api is None:
             if self._passes(path) or self.front.unknown_paths == "pass":
@@ -157,7 +166,7 @@ class Exchange:
             return self._refuse(error_reply(400, e.message, param=e.param, code=e.code))
         rt = self.rt
         ident = rt.loaded.config.identity
-        client, tenant = self._identify(ident.client_header, ident.tenant_header, ident.default_tenant)
+        client, tenant = self._ident or self._identify()
         try:
             ctx = req.context(request_id=self.request_id, client_id=client, tenant=tenant)
             adm = rt.chain.admit(ctx)
@@ -172,11 +181,14 @@ class Exchange:
         self.req, self.adm = req, adm
         xargs = {}
         if rt.keys is not None:
-            profile = Profile(strength=adm.ctx.strength) if adm.ctx.strength != 1.0 else DEFAULT_PROFILE
-            signed = sign_profile(profile, self.request_id, keys=rt.keys, now=rt.deps.clock.now(),
-                                  ttl_s=rt.loaded.config.profile.ttl_s)
-            # the engine plugin verifies the signature over this request id, so it travels with it
-            xargs = {**encode_for_engine(signed), "dg_rid": self.request_id}
+            pre, strength = self._presigned, adm.ctx.strength
+            # the profile signed ahead, unless admission changed the strength or the body was slow to come
+            fresh = pre is not None and pre[0] == strength and rt.deps.clock.now() - pre[1] < _PRESIGNED_FOR_S
+            xargs = pre[2] if fresh else self._signed_xargs(strength)  # type: ignore[index]
+            if pre is not None and pre[0] != strength:
+                if len(self._strengths) >= _STRENGTHS_MAX:
+                    self._strengths.clear()
+                self._strengths[client] = strength
         new = rewrite_body(req, adm.rewrites, xargs=xargs, client_xargs=self.front.client_xargs,
                            default_max_tokens=ident.default_max_tokens)
         accept = self.headers.get("accept-encoding", "")
@@ -186,11 +198,32 @@ class Exchange:
         return Forward(new, (("content-type", "application/json"), ("content-length", str(len(new))),
                              ("accept-encoding", ", ".join(keep) or "identity"), (RID_HEADER, self.request_id)))
 
-    def _identify(self, client_header: str, tenant_header: str, default_tenant: str) -> tuple[str, str]:
-        raw = self.headers.get(client_header.lower())
-        token = bearer_token(raw) if client_header.lower() == "authorization" else (raw or "").strip() or None
+    def prepare(self) -> None:
+        """Work the request body does not change, done ahead: the client's identity and the profile signed
+        for an unchanged strength. A front with a wait between headers and body (Envoy's ext_proc, once it
+        has answered the headers) calls this there; ``request`` does it itself otherwise."""
+        if self.action != "guard" or self._ident is not None:
+            return
+        self._ident = self._identify()
+        if self.rt.keys is not None:  # signed for the strength this client was last admitted at
+            strength = self._strengths.get(self._ident[0], 1.0)
+            self._presigned = (strength, self.rt.deps.clock.now(), self._signed_xargs(strength))
+
+    def _signed_xargs(self, strength: float) -> dict[str, str]:
+        rt = self.rt
+        profile = Profile(strength=strength) if strength != 1.0 else DEFAULT_PROFILE
+        signed = sign_profile(profile, self.request_id, keys=rt.keys,  # type: ignore[arg-type]
+                              now=rt.deps.clock.now(), ttl_s=rt.loaded.config.profile.ttl_s)
+        # the engine plugin verifies the signature over this request id, so it travels with it
+        return {**encode_for_engine(signed), "dg_rid": self.request_id}
+
+    def _identify(self) -> tuple[str, str]:
+        ident = self.rt.loaded.config.identity
+        client_header, default_tenant = ident.client_header.lower(), ident.default_tenant
+        raw = self.headers.get(client_header)
+        token = bearer_token(raw) if client_header == "authorization" else (raw or "").strip() or None
         client = client_id_from_token(token, self.rt.keys) if token else "anonymous"  # type: ignore[arg-type]
-        tenant = (self.headers.get(tenant_header.lower()) or default_tenant).strip()[:64] or default_tenant
+        tenant = (self.headers.get(ident.tenant_header.lower()) or default_tenant).strip()[:64] or default_tenant
         return client, tenant
 
     def _refusal(self, adm: Admission) -> Reply:
@@ -311,10 +344,10 @@ class Exchange:
             self._counted[0] += pos.n_positions
             self._counted[1] += pos.disclosed
             temperature = adm.ctx.temperature if adm.ctx.temperature is not None else 1.0
-            known = pos.sampled_ids >= 0
+            known = pos.n_sampled > 0
             batch = LogprobBatch(values=pos.values, token_ids=pos.token_ids,
-                                 sampled_token_ids=pos.sampled_ids if known.any() else None,
-                                 sampled_values=pos.sampled_values if known.any() else None,
+                                 sampled_token_ids=pos.sampled_ids if known else None,
+                                 sampled_values=pos.sampled_values if known else None,
                                  temperature=temperature, logprobs_mode=self.front.engine_logprobs_mode,
                                  position_offset=offset)
             out = self.rt.chain.protect(batch, adm.ctx).batch

@@ -292,3 +292,28 @@ def test_soon_runs_on_the_loops_next_turn_or_at_once_without_a_loop():
         return list(ran)
 
     assert asyncio.run(go()) == ["no loop", "first", "later"]
+
+
+def test_deferred_protect_bookkeeping_counts_the_same_only_later(clock):
+    from defense.metrics import Metrics
+
+    def counts(metrics):
+        return [sample(metrics, "distillguard_response_values_changed_total", defense="s"),
+                sample(metrics, "distillguard_shadow_effects_total", defense="w", stage="protect"),
+                sample(metrics, "distillguard_defense_duration_seconds_count", defense="s", stage="protect"),
+                sample(metrics, "distillguard_defense_duration_seconds_count", defense="w", stage="protect")]
+
+    def run(bookkeeping):
+        metrics = Metrics()
+        chain = DefenseChain([shift("s"), shift("w", mode=Mode.SHADOW)], metrics=metrics, clock=clock,
+                             bookkeeping=bookkeeping)
+        return metrics, chain.protect(batch(), ctx())
+
+    inline, out_i = run(None)
+    queued: list = []
+    later, out_d = run(queued.append)
+    assert out_d.applied == out_i.applied == ("s",)
+    np.testing.assert_array_equal(out_d.batch.values, out_i.batch.values)
+    assert len(queued) == 1 and counts(later) == [0.0] * 4
+    queued.pop()()
+    assert counts(later) == counts(inline) == [8.0, 1.0, 1.0, 1.0]

@@ -127,6 +127,26 @@ def test_client_id_is_keyed_hash_of_bearer_token(keys):
     assert identify({}, keys, tenant_header="x-distillguard-tenant", default_tenant="default") == ("anonymous", "default")
 
 
+def test_client_ids_are_remembered_per_key_ring_and_the_memo_is_bounded(keys, monkeypatch):
+    import hashlib
+    import hmac
+
+    import defense.identity as identity
+
+    macs = []
+    real = keys.mac
+    monkeypatch.setattr(keys, "mac", lambda purpose, data, **kw: macs.append(data) or real(purpose, data, **kw))
+    want = "c_" + hmac.new(keys.derive("client-id"), b"sk-abc", hashlib.sha256).hexdigest()[:24]
+    assert client_id_from_token("sk-abc", keys) == client_id_from_token("sk-abc", keys) == want
+    assert macs == [b"sk-abc"]  # the repeat was a lookup
+    monkeypatch.setattr(identity, "_MEMO_MAX", 3)
+    tokens = [f"sk-{i}" for i in range(7)]
+    ids = [client_id_from_token(t, keys) for t in tokens]
+    assert len(keys.memo("client-id")) <= 3
+    assert ids == ["c_" + hmac.new(keys.derive("client-id"), t.encode(), hashlib.sha256).hexdigest()[:24]
+                   for t in tokens]
+
+
 def test_signed_profile_round_trip_and_forgery(keys):
     signed = sign_profile(Profile(tier="gold", strength=2.0), "req-1", keys=keys, now=1000.0, ttl_s=60)
     assert verify_profile(signed, "req-1", keys=keys, now=1010.0) == Profile(tier="gold", strength=2.0)

@@ -310,3 +310,42 @@ def test_chat_answer_is_protected():
     got = doc["choices"][0]["logprobs"]["content"]
     assert [e["logprob"] for e in got] == [e["top_logprobs"][0]["logprob"] for e in got]
     assert [e["top_logprobs"][0]["logprob"] for e in got] != [float(v[0]) for v in vals]
+
+
+def _sent_profile(rt, fwd):
+    x = json.loads(fwd.body)["vllm_xargs"]
+    return x, verify_profile(decode_from_engine(x), x["dg_rid"], keys=rt.keys, now=rt.deps.clock.now())
+
+
+def test_a_profile_signed_ahead_is_used_only_when_admission_agrees(monkeypatch):
+    """prepare() (the ext_proc runs it between headers and body) signs for the strength this client was last
+    admitted at; request() signs again when admission decided another, or when the body came late."""
+    import server_plugins.openai.exchange as exchange_mod
+
+    signed: list[float] = []
+    real = exchange_mod.sign_profile
+    monkeypatch.setattr(exchange_mod, "sign_profile",
+                        lambda profile, rid, **kw: signed.append(profile.strength) or real(profile, rid, **kw))
+    rt = make_runtime({"type": "support.defenses:Recorder", "params": {"strength": 2.0}}, {"type": "keyed_noise"})
+    guard = Guard(rt)
+
+    def one(*, prepare=True, wait=0.0):
+        signed.clear()
+        ex = guard.start("POST", "/v1/completions", AUTH)
+        if prepare:
+            ex.prepare()
+        rt.deps.clock.advance(wait)
+        fwd = ex.request(req())
+        x, profile = _sent_profile(rt, fwd)
+        assert profile is not None and profile.strength == 2.0 and x["dg_rid"] == ex.request_id
+        return list(signed), int(x["dg_exp"])
+
+    assert one()[0] == [1.0, 2.0]  # a client not seen yet: signed ahead at 1.0, then again at 2.0
+    assert one()[0] == [2.0]  # now signed ahead at its strength: nothing more to sign
+    assert one(prepare=False)[0] == [2.0]  # fronts without prepare (the middleware) sign in request()
+    late, exp = one(wait=1.5)
+    assert late == [2.0, 2.0]  # the body came late: signed again, so the profile's time to live is whole
+    assert exp == int((rt.deps.clock.now() + rt.loaded.config.profile.ttl_s) * 1000)
+    other = guard.start("POST", "/v1/completions", {"authorization": "Bearer sk-other"})
+    other.prepare()
+    assert other._presigned[0] == 1.0  # noqa: SLF001 - per client: a new one starts at 1.0
