@@ -40,7 +40,7 @@ class Deferred:
         self.max_delay_s = max_delay_s
         self.max_pending = max_pending
         self._queue: deque[Callable[[], object]] = deque()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -54,8 +54,9 @@ class Deferred:
         self._queue.append(fn)
         if len(self._queue) >= self.max_pending:
             self.drain()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.max_delay_s, self.drain)
+        elif self._timer is None:  # the next turn needs no timer (call_later would make and heap one)
+            self._timer = (loop.call_later(self.max_delay_s, self.drain) if self.max_delay_s
+                           else loop.call_soon(self.drain))
 
     def drain(self) -> None:
         if self._timer is not None:

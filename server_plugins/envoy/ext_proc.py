@@ -50,8 +50,11 @@ def headers_of(m: pb.HeaderMap) -> dict[str, str]:
     out: dict[str, str] = {}
     for h in m.headers:
         k = h.key.lower()
-        v = h.raw_value.decode("latin-1") if h.raw_value else h.value
-        out[k] = f"{out[k]},{v}" if k in out else v
+        raw = h.raw_value
+        v = raw.decode("latin-1") if raw else h.value
+        if k in out:
+            v = f"{out[k]},{v}"
+        out[k] = v
     return out
 
 
@@ -71,10 +74,10 @@ def immediate(reply: Reply, details: str = "distillguard") -> pb.ProcessingRespo
 
 def _body(data: bytes, *, set_headers: tuple[tuple[str, str], ...] = (), remove: tuple[str, ...] = ()) -> pb.BodyResponse:
     mutation = pb.BodyMutation(body=data) if data else pb.BodyMutation(clear_body=True)
-    common = pb.CommonResponse(body_mutation=mutation)
     if set_headers or remove:
-        common.header_mutation.CopyFrom(_mutation(set_headers, remove))
-    return pb.BodyResponse(response=common)
+        return pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation,
+                                                          header_mutation=_mutation(set_headers, remove)))
+    return pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation))
 
 
 class ExtProcServicer:

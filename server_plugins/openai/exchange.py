@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import posixpath
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +101,11 @@ class Exchange:
     """One request's state. ``action`` after construction: "guard" (send the body to ``request``), "pass"
     (forward untouched, nothing more to do) or "reply" (send ``reply`` instead of forwarding)."""
 
+    # one per HTTP request: slots make it smaller and quicker to fill than a dict
+    __slots__ = ("rt", "front", "reply", "adm", "req", "request_id", "settled", "complete", "status", "headers",
+                 "path", "api", "action", "_strengths", "_usage", "_counted", "_offsets", "_sse", "_codec",
+                 "_broken", "_ident", "_presigned")
+
     def __init__(self, rt: Runtime, method: str, raw_path: str, headers: Mapping[str, str], *,
                  strengths: dict[str, float] | None = None) -> None:
         self.rt = rt
@@ -109,7 +114,8 @@ class Exchange:
         self.reply: Reply | None = None
         self.adm: Admission | None = None
         self.req: OpenAIRequest | None = None
-        self.request_id = "dg-" + uuid.uuid4().hex  # never the client's: a reused id would replay an admission
+        # never the client's (a reused id would replay an admission); 128 random bits, safe across forks
+        self.request_id = "dg-" + os.urandom(16).hex()
         self.settled = False
         self.complete = False  # the whole answer was protected and handed to the front
         self.status = 0
@@ -119,8 +125,6 @@ class Exchange:
         self._sse: SSERewriter | None = None
         self._codec: BodyCodec | None = None
         self._broken = False
-        self._buf: list[bytes] = []
-        self._size = 0
         self.headers = headers
         path = raw_path if raw_path in GUARDED else normalize_path(raw_path)  # the usual case is already normal
         self.path = path
