@@ -566,7 +566,7 @@ def _n_changed(a: LogprobBatch, b: LogprobBatch) -> int:
     if a.values.shape != b.values.shape:
         return int(max(a.values.size, b.values.size))
     n = int(np.count_nonzero(a.values != b.values))
-    if a.token_ids.shape == b.token_ids.shape:
+    if a.token_ids is not b.token_ids and a.token_ids.shape == b.token_ids.shape:  # shifts keep the ids' array
         n += int(np.count_nonzero(a.token_ids != b.token_ids))
     return n
 

@@ -14,6 +14,7 @@ broadcast like their operands.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -154,11 +155,9 @@ def seed_from_bytes(b: bytes) -> int:
 
 
 def key_seed(key: bytes, *parts: bytes) -> int:
-    """A seed bound to a derived key and byte strings (model, context digest, ...), via SHA-256."""
-    import hashlib
-
-    h = hashlib.sha256(key)
+    """A seed bound to a derived key and byte strings (model, context digest, ...): SHA-256 over the key,
+    then each part after its length (8 bytes, little-endian), hashed as one buffer."""
+    buf = [key]
     for p in parts:
-        h.update(len(p).to_bytes(8, "little"))
-        h.update(p)
-    return seed_from_bytes(h.digest())
+        buf += (len(p).to_bytes(8, "little"), p)
+    return seed_from_bytes(hashlib.sha256(b"".join(buf)).digest())

@@ -205,7 +205,8 @@ def read(api: Api, doc: Any) -> Positions | None:
 def _json_floats(a: np.ndarray) -> list[Any]:
     """float32 values as short JSON numbers: 7 decimals (float32 holds about 7 significant digits, so nothing
     is lost), which also keeps the encoder off 17-digit reprs; -inf (probability 0) as vLLM's -9999.0."""
-    return np.round(np.maximum(a.astype(np.float64), JSON_NEG_INF), 7).tolist()
+    x = np.maximum(a, JSON_NEG_INF, dtype=np.float64)  # widened and floored in one pass
+    return x.round(7, out=x).tolist()
 
 
 def write(pos: Positions, values: np.ndarray, sampled_values: np.ndarray | None) -> None:

@@ -51,3 +51,16 @@ def test_distributions():
 def test_short_seed_bytes_rejected():
     with pytest.raises(ValueError, match="8 bytes"):
         prf.seed_from_bytes(b"abc")
+
+
+def test_key_seed_is_sha256_over_the_key_then_length_framed_parts():
+    import hashlib
+
+    key, parts = b"k" * 32, (b"model", b"", b"\x00" * 40)
+    h = hashlib.sha256(key)
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    assert prf.key_seed(key, *parts) == int.from_bytes(h.digest()[:8], "little", signed=True)
+    # the framing keeps parts from running together
+    assert prf.key_seed(key, b"ab", b"c") != prf.key_seed(key, b"a", b"bc")
