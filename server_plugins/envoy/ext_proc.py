@@ -90,7 +90,6 @@ class ExtProcServicer:
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
         ex: Exchange | None = None
         plan: ResponsePlan | None = None
-        body = bytearray()
         try:
             async for msg in requests:
                 which = msg.WhichOneof("request")
@@ -112,14 +111,14 @@ class ExtProcServicer:
                     if ex is None or ex.action != "guard":
                         yield pb.ProcessingResponse(request_body=pb.BodyResponse())
                         continue
-                    body += msg.request_body.body
-                    if not msg.request_body.end_of_stream:
+                    rq = msg.request_body
+                    if not rq.end_of_stream:
                         # BUFFERED delivers the whole body in one message; a partial one means the body was
                         # over Envoy's buffer limit (BUFFERED_PARTIAL) or the filter is misconfigured
                         yield immediate(error_reply(413, "the request body is too large to check",
                                                     code="request_too_large"))
                         continue
-                    out = ex.request(bytes(body))
+                    out = ex.request(rq.body)
                     if isinstance(out, Forward):
                         yield pb.ProcessingResponse(request_body=_body(out.body, set_headers=out.set_headers,
                                                                        remove=out.remove_headers))
