@@ -19,6 +19,7 @@ usage seen so far when the front is closed before the answer ended.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -53,6 +54,13 @@ MAX_RESPONSE_BYTES = 64 << 20  # a buffered (decoded) engine answer above this i
 RID_HEADER = "x-distillguard-request-id"
 _PRESIGNED_FOR_S = 1.0  # a profile signed at the headers is used if the body comes within this
 _STRENGTHS_MAX = 8192  # clients whose last strength a Guard remembers; it starts over when full
+
+
+@functools.lru_cache(maxsize=256)
+def _engine_encodings(accept: str) -> str:
+    """The client's accept-encoding, kept to what this front can decode again (clients send few variants)."""
+    keep = [e.strip() for e in accept.split(",") if supported_encoding(e.split(";")[0].strip().lower()) and e.strip()]
+    return ", ".join(keep) or "identity"
 
 
 def normalize_path(raw: str) -> str:
@@ -172,7 +180,8 @@ class Exchange:
         ident = rt.loaded.config.identity
         client, tenant = self._ident or self._identify()
         try:
-            ctx = req.context(request_id=self.request_id, client_id=client, tenant=tenant)
+            ctx = req.context(request_id=self.request_id, client_id=client, tenant=tenant,
+                              received_at=rt.deps.clock.now())
             adm = rt.chain.admit(ctx)
         except InvalidInput as e:
             return self._refuse(error_reply(400, str(e), code="invalid_request"))
@@ -195,12 +204,9 @@ class Exchange:
                 self._strengths[client] = strength
         new = rewrite_body(req, adm.rewrites, xargs=xargs, client_xargs=self.front.client_xargs,
                            default_max_tokens=ident.default_max_tokens)
-        accept = self.headers.get("accept-encoding", "")
-        # the engine may compress only in ways this front can decode again
-        keep = [e.strip() for e in accept.split(",") if supported_encoding(e.split(";")[0].strip().lower())
-                and e.strip()]
         return Forward(new, (("content-type", "application/json"), ("content-length", str(len(new))),
-                             ("accept-encoding", ", ".join(keep) or "identity"), (RID_HEADER, self.request_id)))
+                             ("accept-encoding", _engine_encodings(self.headers.get("accept-encoding", ""))),
+                             (RID_HEADER, self.request_id)))
 
     def prepare(self) -> None:
         """Work the request body does not change, done ahead: the client's identity and the profile signed

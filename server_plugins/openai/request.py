@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from defense.canonical import context_digest
 from defense.types import Api, ChatMessage, Prompt, RequestContext, Rewrites
 
 from . import jsonx
@@ -48,12 +49,14 @@ class OpenAIRequest:
     prompt_logprobs: bool = False
     echo: bool = False
 
-    def context(self, *, request_id: str, client_id: str, tenant: str) -> RequestContext:
+    def context(self, *, request_id: str, client_id: str, tenant: str, received_at: float = 0.0) -> RequestContext:
+        """The request as admission sees it, with its context digest (so the chain need not copy it to add one)."""
         return RequestContext(
             request_id=request_id, client_id=client_id, tenant=tenant, model=self.model, api=self.api,
             prompt=self.prompt, max_tokens=self.max_tokens, n=self.n, temperature=self.temperature, seed=self.seed,
             stream=self.stream, logprobs=self.logprobs, top_logprobs=self.top_logprobs,
             logit_bias_entries=self.logit_bias_entries, prompt_logprobs=self.prompt_logprobs, echo=self.echo,
+            context_digest=context_digest(self.model, self.prompt), received_at=received_at,
         )
 
 
