@@ -96,7 +96,6 @@ class Guard:
         self._runtime = runtime if callable(runtime) else (lambda: runtime)
         if self._runtime().keys is None:
             raise ValueError("an HTTP front needs the key file: client ids are keyed hashes of API keys")
-
         # each client's strength at its last admission: the profile an Exchange signs ahead (``prepare``)
         self._strengths: dict[str, float] = {}
 
