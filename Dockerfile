@@ -14,7 +14,7 @@
 #
 # What is inside: the `defense` library and `server_plugins` with only what the sidecar imports (numpy, scipy,
 # PyYAML, prometheus-client, grpcio and its health/reflection services, protobuf, redis for a shared
-# store). torch, transformers, tokenizers and safetensors are left out on purpose: they serve the
+# store, orjson for the Envoy front's JSON), and the front's compiled logprob reader. torch, transformers, tokenizers and safetensors are left out on purpose: they serve the
 # in-engine plugins, the model factory and the experiments, never the sidecar (tests/unit/test_deploy.py
 # checks the list here against pyproject.toml). Keys are never baked in: mount a key file (mode 0400 or
 # 0600, owned by the user the sidecar runs as) at $DISTILLGUARD_KEYS. Config: $DISTILLGUARD_CONFIG.
@@ -23,6 +23,8 @@
 ARG PYTHON=3.11
 
 FROM python:${PYTHON}-slim-bookworm AS build
+# a C compiler for the HTTP fronts' logprob reader (server_plugins/openai/_lpscan.c): the wheel carries it
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY defense ./defense
@@ -44,7 +46,7 @@ COPY --from=build /wheels /tmp/wheels
 RUN pip install --no-cache-dir \
         "numpy>=1.24" "scipy>=1.10" "pyyaml>=6.0" "prometheus-client>=0.17" "numba>=0.60" \
         "grpcio>=1.81.1" "grpcio-health-checking>=1.81.1" "grpcio-reflection>=1.81.1" "protobuf>=6.33.5,<8" \
-        "redis>=5.0" \
+        "redis>=5.0" "orjson>=3.9" \
     && if [ "$EXTRAS" = "kserve" ]; then \
         pip install --no-cache-dir "tritonclient[grpc]==2.73.0" "googleapis-common-protos==1.76.0"; \
     elif [ -n "$EXTRAS" ]; then echo "EXTRAS must be empty or kserve, got $EXTRAS" >&2; exit 2; fi \

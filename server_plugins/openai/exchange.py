@@ -277,17 +277,23 @@ class Exchange:
         try:
             if self._codec is None:
                 raise UnsupportedEncoding("the engine's content-encoding is not supported")
-            doc = jsonx.loads(self._codec.decode(body) or b"null")
-            if not isinstance(doc, dict):
-                raise lpmod.UpstreamFormatError("the engine's answer is not a JSON object")
-            self._protect_doc(doc)
-            out = self._codec.encode(jsonx.dumps(doc), final=True)
+            data = self._codec.decode(body)
+            scanned = lpmod.scan(self.api, data)  # type: ignore[arg-type]
+            if scanned is not None:  # the usual shape, read and rewritten in place (no document built)
+                out = self._codec.encode(self._protect_scanned(scanned), final=True)
+                usage = scanned.usage
+            else:
+                doc = jsonx.loads(data or b"null")
+                if not isinstance(doc, dict):
+                    raise lpmod.UpstreamFormatError("the engine's answer is not a JSON object")
+                self._protect_doc(doc)
+                out = self._codec.encode(jsonx.dumps(doc), final=True)
+                usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
         except (ValueError, InvalidInput, DefenseFailure) as e:  # JSON, format, encoding and defense failures
             log.warning("response of %s not protected (%s: %s); refused", self.request_id, type(e).__name__, e)
             self.finish(SettleStatus.UPSTREAM_ERROR)
             return error_reply(502, "the model server's answer could not be checked", type="server_error",
                                code="unprotected_response")
-        usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
         self._usage = {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
         self.complete = True  # the front settles (finish) once the body is on its way: off the client's path
         return out
@@ -337,8 +343,8 @@ class Exchange:
         choices = doc.get("choices") or []
         if not isinstance(choices, list):
             raise lpmod.UpstreamFormatError("choices must be a list")
-        adm, api = self.adm, self.api
-        assert adm is not None and api is not None  # noqa: S101 - only admitted exchanges get here
+        api = self.api
+        assert api is not None  # noqa: S101 - only admitted exchanges get here
         for c in choices:
             if not isinstance(c, dict):
                 raise lpmod.UpstreamFormatError("each choice must be an object")
@@ -350,17 +356,33 @@ class Exchange:
                 continue
             offset = self._offsets.get(idx, 0) if stream else 0
             self._offsets[idx] = offset + pos.n_positions
-            self._counted[0] += pos.n_positions
-            self._counted[1] += pos.disclosed
-            temperature = adm.ctx.temperature if adm.ctx.temperature is not None else 1.0
-            known = pos.n_sampled > 0
-            batch = LogprobBatch(values=pos.values, token_ids=pos.token_ids,
-                                 sampled_token_ids=pos.sampled_ids if known else None,
-                                 sampled_values=pos.sampled_values if known else None,
-                                 temperature=temperature, logprobs_mode=self.front.engine_logprobs_mode,
-                                 position_offset=offset)
-            out = self.rt.chain.protect(batch, adm.ctx).batch
+            out = self._protect_positions(pos, offset)
             lpmod.write(pos, out.values, out.sampled_values)
+
+    def _protect_scanned(self, scanned: lpmod.Scanned) -> bytes:
+        protected: list[tuple[Any, Any] | None] = []
+        for pos, chars in zip(scanned.positions, scanned.chars, strict=True):
+            self._counted[2] += chars
+            if pos is None:
+                protected.append(None)
+                continue
+            out = self._protect_positions(pos, 0)
+            protected.append((out.values, out.sampled_values))
+        return scanned.write(protected)
+
+    def _protect_positions(self, pos: lpmod.Positions, offset: int) -> LogprobBatch:
+        adm = self.adm
+        assert adm is not None  # noqa: S101 - only admitted exchanges get here
+        self._counted[0] += pos.n_positions
+        self._counted[1] += pos.disclosed
+        temperature = adm.ctx.temperature if adm.ctx.temperature is not None else 1.0
+        known = pos.n_sampled > 0
+        batch = LogprobBatch(values=pos.values, token_ids=pos.token_ids,
+                             sampled_token_ids=pos.sampled_ids if known else None,
+                             sampled_values=pos.sampled_values if known else None,
+                             temperature=temperature, logprobs_mode=self.front.engine_logprobs_mode,
+                             position_offset=offset)
+        return self.rt.chain.protect(batch, adm.ctx).batch
 
     def _count_text(self, choice: dict[str, Any], api: Api) -> None:
         if api is Api.OPENAI_CHAT:

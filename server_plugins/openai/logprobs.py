@@ -7,7 +7,10 @@ Both name tokens by their text, not their id: a front without the tokenizer keys
 as the id. Two ids that decode to the same text get distinct keys by their order in the position.
 
 The JSON is a list of Python objects per position, so reading and writing it loops per position; the
-perturbation itself runs vectorized on the arrays.
+perturbation itself runs vectorized on the arrays. A whole buffered answer in the usual shape skips that:
+``scan`` reads its numbers and token keys straight from the bytes (``_lpscan``, C, built at install when a
+compiler is there) and ``Scanned.write`` puts the protected numbers back over the same bytes. It hands
+anything unusual back (None), and the caller reads that document here, as before.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ import numpy as np
 
 from defense.types import Api
 
+try:  # optional accelerator (pyproject's ext-modules; an install without a compiler goes without)
+    from . import _lpscan
+except ImportError:  # pragma: no cover - depends on the build
+    _lpscan = None
+
 JSON_NEG_INF = -9999.0  # JSON has no -infinity; vLLM writes a probability of 0 as -9999.0
 _MASK63 = (1 << 63) - 1
 _ids: dict[str, int] = {}
@@ -31,11 +39,13 @@ class UpstreamFormatError(ValueError):
 
 
 def token_key(token: str) -> int:
-    """A stable non-negative int64 for a token's text: the id of vLLM's ``token_id:N`` form, else a hash."""
+    """A stable non-negative int64 for a token's text: the id of vLLM's ``token_id:N`` form (1 to 18 ASCII
+    digits), else a hash of the text."""
     v = _ids.get(token)
     if v is None:
-        if token.startswith("token_id:") and token[9:].isdigit():
-            v = int(token[9:])
+        rest = token[9:]
+        if token.startswith("token_id:") and 0 < len(rest) <= 18 and rest.isascii() and rest.isdigit():
+            v = int(rest)
         else:
             v = int.from_bytes(hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
                                "little") & _MASK63
@@ -87,7 +97,7 @@ class Positions:
     token_ids: np.ndarray  # [P, K] int64; -1 marks a missing alternative
     sampled_ids: np.ndarray  # [P] int64; -1 where the sampled token's value was not returned
     sampled_values: np.ndarray  # [P] float32; -inf where unknown
-    doc: dict[str, Any]  # the choice's logprobs object, written back in place
+    doc: dict[str, Any] | None  # the choice's logprobs object, written back in place (None: scanned bytes)
     api: Api
     disclosed: int  # logprob values the client receives: the returned alternatives (token_ids >= 0)
     n_sampled: int  # positions whose sampled token's value is known (sampled_ids >= 0)
@@ -202,6 +212,56 @@ def read(api: Api, doc: Any) -> Positions | None:
     return pos if pos.n_positions and pos.disclosed else None
 
 
+@dataclass(slots=True)
+class Scanned:
+    """A buffered answer read from its bytes: each choice's positions (None when it returned none) and text
+    length, the integer members of ``usage``; ``write`` gives the bytes with protected numbers."""
+
+    data: bytes
+    positions: list[Positions | None]
+    chars: list[int]  # characters of each choice's text (completions: text; chat: message.content)
+    usage: dict[str, int]
+    _spans: bytes
+    _first: list[int]  # each choice's first span: its [p x k] alternatives, then its p sampled values
+
+    def write(self, protected: list[tuple[np.ndarray, np.ndarray | None] | None]) -> bytes:
+        """The body with each choice's protected (values, sampled values) written over the returned ones."""
+        segments = []
+        for first, pos, new in zip(self._first, self.positions, protected, strict=True):
+            if pos is None or new is None:
+                continue
+            values, sampled = new
+            segments.append((first, np.asarray(values, dtype=np.float64).ravel()))
+            if sampled is not None:
+                segments.append((first + pos.disclosed, np.asarray(sampled, dtype=np.float64)))
+        return _lpscan.splice(self.data, self._spans, segments) if segments else self.data
+
+
+def scan(api: Api, data: bytes) -> Scanned | None:
+    """The usual buffered answer read from its bytes; None when ``_lpscan`` is not built or the body is not
+    in the shape it takes (the caller then parses it: the reference decides errors and odd shapes)."""
+    if _lpscan is None:
+        return None
+    got = _lpscan.scan(data, api is Api.OPENAI_CHAT)
+    if got is None:
+        return None
+    choices, usage, spans = got
+    positions: list[Positions | None] = []
+    chars, first, at = [], [], 0
+    for p, k, floats, keys, n_chars in choices:
+        chars.append(n_chars)
+        first.append(at)
+        if not p:
+            positions.append(None)
+            continue
+        n = p * k
+        f = np.frombuffer(floats, dtype=np.float32)
+        i = np.frombuffer(keys, dtype=np.int64)
+        positions.append(Positions(f[:n].reshape(p, k), i[:n].reshape(p, k), i[n:], f[n:], None, api, n, p))
+        at += n + p
+    return Scanned(data, positions, chars, usage, spans, first)
+
+
 def _json_floats(a: np.ndarray) -> list[Any]:
     """float32 values as short JSON numbers: 7 decimals (float32 holds about 7 significant digits, so nothing
     is lost), which also keeps the encoder off 17-digit reprs; -inf (probability 0) as vLLM's -9999.0."""
@@ -219,6 +279,7 @@ def write(pos: Positions, values: np.ndarray, sampled_values: np.ndarray | None)
         sv = flat[p * k:]
     vals = [flat[i * k:(i + 1) * k] for i in range(p)]
     doc = pos.doc
+    assert doc is not None  # noqa: S101 - scanned positions are written by Scanned.write
     if pos.api is Api.OPENAI_CHAT:
         for i, entry in enumerate(doc.get("content") or []):
             if sv is not None:
