@@ -1148,7 +1148,7 @@ static PyObject *splice(PyObject *self, PyObject *args) {
     Py_ssize_t at = 0, w = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         Edit *e = &edits[i];
-        if (e->span.start < at || e->span.end > data.len) {
+        if (e->span.start < at || e->span.end < e->span.start || e->span.end > data.len) {
             PyErr_SetString(PyExc_ValueError, "splice: overlapping or out-of-range spans");
             goto out;
         }

@@ -363,3 +363,18 @@ def test_exchange_answers_the_same_with_and_without_the_scanner(monkeypatch):
     for (fo, fu), (so, su) in zip(fast, slow, strict=True):
         assert json.loads(fo) == json.loads(so)  # keyed noise: the same request gets the same numbers
         assert fu == su
+
+
+def test_splice_refuses_spans_that_do_not_fit():
+    import struct
+
+    body = b'{"a": -1.5, "b": -2.5}'
+    ok = struct.pack("<2q", 6, 10)
+    assert json.loads(_lpscan.splice(body, ok, [(0, np.array([-0.25]))])) == {"a": -0.25, "b": -2.5}
+    for spans, segments in ((struct.pack("<2q", 10, 6), [(0, np.array([-0.25]))]),  # ends before it starts
+                            (struct.pack("<2q", 6, 99), [(0, np.array([-0.25]))]),  # past the body
+                            (struct.pack("<4q", 6, 10, 8, 12), [(0, np.array([-0.25, -0.5]))]),  # overlapping
+                            (ok, [(1, np.array([-0.25]))]),  # a segment past the spans
+                            (ok, [(0, np.array([-0.25, -0.5]))])):
+        with pytest.raises(ValueError):
+            _lpscan.splice(body, spans, segments)
