@@ -66,7 +66,6 @@ class Prepared:
     spec: ModelSpec
     upstream: bytes  # the request as Triton gets it
     row_digests: list[bytes] | None  # per batch row when the batch holds more than one row
-    prompt_tokens: int
     asked: frozenset[str]  # outputs the client named; empty: all it may have
     client_id: str = ""  # the id the client gave (streams replace it upstream with a unique one)
     settled: bool = False
@@ -230,13 +229,14 @@ class KServeProxy:
                                       default_tenant=ident.default_tenant)
         else:
             client, tenant = "anonymous", ident.default_tenant
-        canonical = tensors.canonical_request(request, data)
+        prompt = Prompt(tensor_bytes=tensors.canonical_request(request, data))
         values, row_values = self._input_values(request, data, batch if spec.batched else 1, chain)
         ctx = RequestContext(
             # never the client's own id: a reused id would hit the chain's idempotency ledger and be
             # admitted (and charged) once for many requests
             request_id=f"{self._id_prefix}{next(self._seq)}", client_id=client, tenant=tenant, model=model,
-            api=Api.KSERVE_V2, prompt=Prompt(tensor_bytes=canonical),
+            api=Api.KSERVE_V2, prompt=prompt,
+            context_digest=context_digest(model, prompt),  # the chain would derive it, at the cost of a copy
             max_tokens=0,  # nothing is generated: a classifier reserves no completion tokens
             logprobs=bool(spec.protected & (set(asked) if asked else set(meta.outputs))),
             raw_logits_outputs=tuple(n for n in asked if n in spec.strip),
@@ -263,7 +263,7 @@ class KServeProxy:
             upstream = up.SerializeToString()
         else:
             upstream = raw if raw is not None else request.SerializeToString()
-        return Prepared(adm, spec, upstream, rows, chain.estimate(adm.ctx).prompt_tokens, frozenset(asked),
+        return Prepared(adm, spec, upstream, rows, frozenset(asked),
                         client_id=request.id, row_values=row_values if rows is not None else None)
 
     @staticmethod
@@ -292,10 +292,12 @@ class KServeProxy:
         if prep.settled:
             return
         prep.settled = True
-        usage = Usage(prompt_tokens=prep.prompt_tokens if status is SettleStatus.OK else 0,
+        chain = self.holder.runtime.chain
+        # the prompt's tokens are priced here, once the answer is out (settles run off the request's path)
+        usage = Usage(prompt_tokens=chain.estimate(prep.adm.ctx).prompt_tokens if status is SettleStatus.OK else 0,
                       logprob_values=values, status=status)
         try:
-            self.holder.runtime.chain.settle(prep.adm.ctx, usage)
+            chain.settle(prep.adm.ctx, usage)
         except DefenseFailure as e:  # the answer is already decided; the chain counted the failure
             log.warning("settle failed for %s: %s", prep.adm.ctx.request_id, e)
 

@@ -111,6 +111,21 @@ def input_data(request: Any) -> list[bytes]:
     return [contents_bytes(t.contents, t.datatype, f"input {t.name!r}") for t in request.inputs]
 
 
+class _Where:
+    """``input 'x' of model 'm'``, formatted when an error message needs it (every request passes here)."""
+
+    __slots__ = ("name", "model")
+
+    def __init__(self, name: str, model: str) -> None:
+        self.name, self.model = name, model
+
+    def __str__(self) -> str:
+        return f"input {self.name!r} of model {self.model!r}"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
 def check_inputs(request: Any, data: Sequence[bytes], meta: ModelMeta, *, max_input_bytes: int,
                  batched: bool) -> int:
     """Refuse inputs the model cannot take (names, datatypes, shapes, byte counts, total size).
@@ -128,7 +143,7 @@ def check_inputs(request: Any, data: Sequence[bytes], meta: ModelMeta, *, max_in
     seen: set[str] = set()
     batch: int | None = None
     for t, d in zip(request.inputs, data, strict=True):
-        where = f"input {t.name!r} of model {model!r}"
+        where = _Where(t.name, model)  # formatted only for an error message
         if t.name in seen:
             raise InvalidInput(f"{where} is given twice")
         seen.add(t.name)
