@@ -1136,7 +1136,7 @@ static PyObject *splice(PyObject *self, PyObject *args) {
         }
         PyBuffer_Release(&vals);
     }
-    qsort(edits, (size_t)n, sizeof(Edit), by_start);
+    if (n > 1) qsort(edits, (size_t)n, sizeof(Edit), by_start);
     /* write_number writes at most 32 characters */
     Py_ssize_t cap_out = data.len + n * 32;
     out = PyMem_Malloc((size_t)cap_out);
