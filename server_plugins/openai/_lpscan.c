@@ -711,6 +711,47 @@ out:
     return rc;
 }
 
+/* one chat logprob object, {token, logprob, bytes, ...}: its token and value. An entry of content (n_alts
+ * given) also carries top_logprobs, whose alternatives are pushed as they come and counted in *n_alts. */
+static int chat_token(Scanner *sc, Str *t, float *v, Span *sp, Py_ssize_t *n_alts) {
+    int started = 0, done = 0, rc, has_token = 0, has_lp = 0, has_tops = 0;
+    Str name;
+    if (++sc->depth > MAX_DEPTH) return DECLINE;
+    while (1) {
+        if ((rc = member(sc, &started, &done, &name))) return rc;
+        if (done) break;
+        if ((rc = NAMED(name))) return rc;
+        if (is(&name, "token")) {
+            if (has_token++) return DECLINE;
+            if ((rc = string_value(sc, t))) return rc;
+        } else if (is(&name, "logprob")) {
+            if (has_lp++) return DECLINE;
+            ws(sc);
+            if ((rc = logprob(sc, v, sp))) return rc;
+        } else if (n_alts != NULL && is(&name, "top_logprobs")) {
+            if (has_tops++) return DECLINE;
+            int s2 = 0, d2 = 0;
+            if (++sc->depth > MAX_DEPTH) return DECLINE;
+            while (1) {
+                if ((rc = element(sc, &s2, &d2))) return rc;
+                if (d2) break;
+                Str at;
+                float av = 0;
+                Span asp = {0, 0};
+                if ((rc = chat_token(sc, &at, &av, &asp, NULL)) ||
+                    (rc = push_token(&sc->top_v, &sc->top_k, &sc->top_s, av, &at, asp)))
+                    return rc;
+                (*n_alts)++;
+            }
+            sc->depth--;
+        } else if ((rc = skip_value(sc))) {
+            return rc;
+        }
+    }
+    sc->depth--;
+    return has_token && has_lp ? OK : DECLINE;
+}
+
 /* chat: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], refusal: null} */
 static int chat_logprobs(Scanner *sc, Py_ssize_t *p_out, Py_ssize_t *k_out) {
     int started = 0, done = 0, rc, seen_content = 0, seen_refusal = 0;
@@ -734,61 +775,12 @@ static int chat_logprobs(Scanner *sc, Py_ssize_t *p_out, Py_ssize_t *k_out) {
             while (1) {
                 if ((rc = element(sc, &s2, &d2))) return rc;
                 if (d2) break;
-                int s3 = 0, d3 = 0, has_token = 0, has_lp = 0, has_tops = 0;
-                Str t, en;
+                Str t;
                 float v = 0;
                 Span sp = {0, 0};
                 Py_ssize_t kk = 0, from = sc->top_k.n;
-                if (++sc->depth > MAX_DEPTH) return DECLINE;
-                while (1) {
-                    if ((rc = member(sc, &s3, &d3, &en))) return rc;
-                    if (d3) break;
-                    if ((rc = NAMED(en))) return rc;
-                    if (is(&en, "token")) {
-                        if (has_token++ || (rc = string_value(sc, &t))) return rc ? rc : DECLINE;
-                    } else if (is(&en, "logprob")) {
-                        if (has_lp++) return DECLINE;
-                        ws(sc);
-                        if ((rc = logprob(sc, &v, &sp))) return rc;
-                    } else if (is(&en, "top_logprobs")) {
-                        if (has_tops++) return DECLINE;
-                        int s4 = 0, d4 = 0;
-                        if (++sc->depth > MAX_DEPTH) return DECLINE;
-                        while (1) {
-                            if ((rc = element(sc, &s4, &d4))) return rc;
-                            if (d4) break;
-                            int s5 = 0, d5 = 0, a_token = 0, a_lp = 0;
-                            Str at, an;
-                            float av = 0;
-                            Span asp = {0, 0};
-                            if (++sc->depth > MAX_DEPTH) return DECLINE;
-                            while (1) {
-                                if ((rc = member(sc, &s5, &d5, &an))) return rc;
-                                if (d5) break;
-                                if ((rc = NAMED(an))) return rc;
-                                if (is(&an, "token")) {
-                                    if (a_token++ || (rc = string_value(sc, &at))) return rc ? rc : DECLINE;
-                                } else if (is(&an, "logprob")) {
-                                    if (a_lp++) return DECLINE;
-                                    ws(sc);
-                                    if ((rc = logprob(sc, &av, &asp))) return rc;
-                                } else if ((rc = skip_value(sc))) {
-                                    return rc;
-                                }
-                            }
-                            sc->depth--;
-                            if (!a_token || !a_lp) return DECLINE;
-                            if ((rc = push_token(&sc->top_v, &sc->top_k, &sc->top_s, av, &at, asp))) return rc;
-                            kk++;
-                        }
-                        sc->depth--;
-                    } else if ((rc = skip_value(sc))) {
-                        return rc;
-                    }
-                }
-                sc->depth--;
-                if (!has_token || !has_lp || kk == 0 || (k >= 0 && kk != k) || distinct(&sc->top_k, from))
-                    return DECLINE;
+                if ((rc = chat_token(sc, &t, &v, &sp, &kk))) return rc;
+                if (kk == 0 || (k >= 0 && kk != k) || distinct(&sc->top_k, from)) return DECLINE;
                 k = kk;
                 if ((rc = push_token(&sc->smp_v, &sc->smp_k, &sc->smp_s, v, &t, sp))) return rc;
                 p++;
