@@ -11,7 +11,14 @@ from support.openai_answers import AUTH, completion_answer, completion_stream, m
 
 from defense.types import SettleStatus
 from server_plugins.envoy._proto import ext_proc_pb2 as pb
-from server_plugins.envoy.ext_proc import ExtProcServicer, headers_of
+from server_plugins.envoy.ext_proc import (
+    REQUEST_BODY,
+    RESPONSE_BODY,
+    ExtProcServicer,
+    _serialize,
+    body_response,
+    headers_of,
+)
 from server_plugins.openai import Guard
 
 Mode = pb.ProcessingMode
@@ -53,9 +60,14 @@ def run(rt, messages):
             for m in messages:
                 yield m
 
-        return [r async for r in servicer.process(stream(), Ctx())]
+        return [as_message(r) async for r in servicer.process(stream(), Ctx())]
 
     return asyncio.run(go())
+
+
+def as_message(r):
+    """What Envoy reads: the servicer yields messages, or body responses already serialized."""
+    return pb.ProcessingResponse.FromString(_serialize(r))
 
 
 def test_headers_are_read_from_raw_values():
@@ -157,10 +169,32 @@ def test_a_complete_answer_settles_even_when_the_stream_is_closed_at_its_last_yi
                 yield m
 
         gen = servicer.process(feed(), Ctx())
-        answers = [await gen.__anext__() for _ in messages]
+        answers = [as_message(await gen.__anext__()) for _ in messages]
         await gen.aclose()  # what grpc does once the call is over
         await asyncio.sleep(0.05)  # past the deferred queue's timer
         return answers[-1]
 
     assert asyncio.run(go()).WhichOneof("response") == "response_body"
     assert [e.split()[:2] for _, e in recorder.CALLS if e.startswith("settle")] == [["settle", "ok"]]
+
+
+@pytest.mark.parametrize("which", [REQUEST_BODY, RESPONSE_BODY])
+@pytest.mark.parametrize("data", [b"", b"x", b'{"a": 1}' * 40, bytes(range(256)) * 600])
+@pytest.mark.parametrize("headers", [((), ()), ((("content-length", "12"),), ()),
+                                     ((("content-type", "application/json"), ("x-caf\u00e9", "d\u00e9j\u00e0 vu"),
+                                       ("x-distillguard-request-id", "dg-" + "ab" * 16)), ("content-length",)),
+                                     ((), ("content-length", "etag"))])
+def test_body_responses_are_the_bytes_protobuf_writes(which, data, headers):
+    set_headers, remove = headers
+    over = pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    common = pb.CommonResponse(body_mutation=pb.BodyMutation(body=data) if data else pb.BodyMutation(clear_body=True))
+    if set_headers or remove:
+        common.header_mutation.CopyFrom(pb.HeaderMutation(
+            set_headers=[pb.HeaderValueOption(header=pb.HeaderValue(key=k, raw_value=v.encode("latin-1")),
+                                              append_action=over) for k, v in set_headers],
+            remove_headers=list(remove)))
+    body = pb.BodyResponse(response=common)
+    want = pb.ProcessingResponse(**{"request_body" if which == REQUEST_BODY else "response_body": body})
+    got = body_response(which, data, set_headers=set_headers, remove=remove)
+    assert got == want.SerializeToString()
+    assert pb.ProcessingResponse.FromString(got) == want
