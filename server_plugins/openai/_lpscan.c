@@ -488,57 +488,23 @@ static int literal(Scanner *sc, const char *word, size_t n) {
     return OK;
 }
 
-/* iterate an object's members: call first with *started = 0; returns OK and a name at each member (the
- * value is next), DECLINE on bad JSON, and sets *done at the closing brace */
-static int member(Scanner *sc, int *started, int *done, Str *name) {
+/* the next item of an object or an array: call first with *started = 0; OK with the item next, or with
+ * *done set at the closing bracket; DECLINE on bad JSON */
+static int next_item(Scanner *sc, int *started, int *done, uint8_t open, uint8_t close) {
     ws(sc);
+    if (sc->p >= sc->end) return DECLINE;
     if (!*started) {
-        if (sc->p >= sc->end || *sc->p != '{') return DECLINE;
-        sc->p++;
-        ws(sc);
+        if (*sc->p != open) return DECLINE;
         *started = 1;
-        if (sc->p < sc->end && *sc->p == '}') {
-            sc->p++;
-            *done = 1;
-            return OK;
-        }
-    } else {
-        if (sc->p >= sc->end) return DECLINE;
-        if (*sc->p == '}') {
-            sc->p++;
-            *done = 1;
-            return OK;
-        }
-        if (*sc->p != ',') return DECLINE;
         sc->p++;
         ws(sc);
-    }
-    if (sc->p >= sc->end || *sc->p != '"') return DECLINE;
-    int rc = string(sc, name);
-    if (rc) return rc;
-    ws(sc);
-    if (sc->p >= sc->end || *sc->p != ':') return DECLINE;
-    sc->p++;
-    ws(sc);
-    return OK;
-}
-
-/* the same for an array's elements; *done at the closing bracket */
-static int element(Scanner *sc, int *started, int *done) {
-    ws(sc);
-    if (!*started) {
-        if (sc->p >= sc->end || *sc->p != '[') return DECLINE;
-        sc->p++;
-        ws(sc);
-        *started = 1;
-        if (sc->p < sc->end && *sc->p == ']') {
+        if (sc->p < sc->end && *sc->p == close) {
             sc->p++;
             *done = 1;
         }
         return OK;
     }
-    if (sc->p >= sc->end) return DECLINE;
-    if (*sc->p == ']') {
+    if (*sc->p == close) {
         sc->p++;
         *done = 1;
         return OK;
@@ -548,6 +514,22 @@ static int element(Scanner *sc, int *started, int *done) {
     ws(sc);
     return OK;
 }
+
+/* an object's next member: its name, with the value next */
+static int member(Scanner *sc, int *started, int *done, Str *name) {
+    int rc = next_item(sc, started, done, '{', '}');
+    if (rc || *done) return rc;
+    if (sc->p >= sc->end || *sc->p != '"') return DECLINE;
+    if ((rc = string(sc, name))) return rc;
+    ws(sc);
+    if (sc->p >= sc->end || *sc->p != ':') return DECLINE;
+    sc->p++;
+    ws(sc);
+    return OK;
+}
+
+/* an array's next element */
+static int element(Scanner *sc, int *started, int *done) { return next_item(sc, started, done, '[', ']'); }
 
 static inline int is(const Str *name, const char *lit) {
     size_t n = strlen(lit);
