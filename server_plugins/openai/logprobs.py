@@ -24,6 +24,8 @@ import numpy as np
 
 from defense.types import Api
 
+from . import jsonx
+
 try:  # optional accelerator (pyproject's ext-modules; an install without a compiler goes without)
     from . import _lpscan
 except ImportError:  # pragma: no cover - depends on the build
@@ -225,16 +227,31 @@ class Scanned:
     _first: list[int]  # each choice's first span: its [p x k] alternatives, then its p sampled values
 
     def write(self, protected: list[tuple[np.ndarray, np.ndarray | None] | None]) -> bytes:
-        """The body with each choice's protected (values, sampled values) written over the returned ones."""
+        """The body with each choice's protected (values, sampled values) written over the returned ones.
+
+        A defense that returns fewer alternatives than the engine did (``top_k_cap``) leaves numbers with
+        no new value to take their place: then the document is parsed and written as ``write`` does it
+        (the alternatives past the new k are dropped), never spliced with the clean numbers left in."""
         segments = []
         for first, pos, new in zip(self._first, self.positions, protected, strict=True):
             if pos is None or new is None:
                 continue
             values, sampled = new
-            segments.append((first, np.asarray(values, dtype=np.float64).ravel()))
+            if np.shape(values) != pos.values.shape or (sampled is not None and np.size(sampled) != pos.n_positions):
+                return self._rewrite(protected)
+            segments.append((first, np.ascontiguousarray(values, dtype=np.float64).ravel()))
             if sampled is not None:
-                segments.append((first + pos.disclosed, np.asarray(sampled, dtype=np.float64)))
+                segments.append((first + pos.disclosed, np.ascontiguousarray(sampled, dtype=np.float64).ravel()))
         return _lpscan.splice(self.data, self._spans, segments) if segments else self.data
+
+    def _rewrite(self, protected: list[tuple[np.ndarray, np.ndarray | None] | None]) -> bytes:
+        doc = jsonx.loads(self.data)
+        for c, pos, new in zip(doc.get("choices") or [], self.positions, protected, strict=True):
+            if pos is not None and new is not None:
+                parsed = read(pos.api, c.get("logprobs"))  # the same positions: the reader agrees with scan
+                assert parsed is not None  # noqa: S101
+                write(parsed, new[0], new[1])
+        return jsonx.dumps(doc)
 
 
 def scan(api: Api, data: bytes) -> Scanned | None:
@@ -285,7 +302,10 @@ def write(pos: Positions, values: np.ndarray, sampled_values: np.ndarray | None)
             if sv is not None:
                 entry["logprob"] = sv[i]
             row = vals[i]
-            for j, a in enumerate(entry.get("top_logprobs") or []):
+            alts = entry.get("top_logprobs") or []
+            if len(alts) > k:  # a defense returned fewer alternatives (top_k_cap): the rest are dropped
+                del alts[k:]
+            for j, a in enumerate(alts):
                 a["logprob"] = row[j]
         return
     tops = doc.get("top_logprobs") or []

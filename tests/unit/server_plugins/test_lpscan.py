@@ -378,3 +378,31 @@ def test_splice_refuses_spans_that_do_not_fit():
                             (ok, [(0, np.array([-0.25, -0.5]))])):
         with pytest.raises(ValueError):
             _lpscan.splice(body, spans, segments)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_defense_that_returns_fewer_alternatives_is_written_as_the_reference_does(monkeypatch, chat):
+    # top_k_cap keeps 2 of the engine's 5 (or 3): splicing 2 values a position over 5 numbers would misplace
+    # them and leave clean numbers in; the answer must be the reference's, alternatives past k dropped
+    from server_plugins.openai import Guard
+
+    rt = make_runtime({"type": "request_rules"}, {"type": "keyed_noise"}, {"type": "top_k_cap", "params": {"k": 2}})
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                        "top_logprobs": 3, "max_tokens": 2}).encode() if chat else req())
+    valid_chat = chat_answer([f"w{i}" for i in range(6)], [-1.0, -1.5, -2.0, -0.7, -1.6, -3.0], k=3)
+    answer = json.dumps(valid_chat if chat else completion_answer(3)).encode()
+
+    def run():
+        ex = Guard(rt).start("POST", path, AUTH)
+        ex.request(body)
+        ex.response_start(200, {"content-type": "application/json"})
+        return json.loads(ex.response_body(answer))
+
+    fast = run()
+    monkeypatch.setattr(lpmod, "_lpscan", None)
+    slow = run()
+    assert fast == slow
+    lp = fast["choices"][0]["logprobs"]
+    tops = [e["top_logprobs"] for e in lp["content"]] if chat else lp["top_logprobs"]
+    assert tops and all(len(t) == 2 for t in tops)
