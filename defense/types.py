@@ -172,6 +172,10 @@ class RequestContext:
     # tensor APIs: how many probability / logprob values the answer will return, when the front knows it
     # from the model's metadata (the budget reserves them at admission like max_tokens x top_logprobs)
     output_values: int | None = None
+    # the front minted request_id in this process and settles it here, at most once (an in-process front:
+    # the Envoy ext_proc, the ASGI middleware, the KServe proxy): no other process can ever settle it, so a
+    # shared store needs no cross-process settled marker for it (the chain's ledger still catches a retry)
+    private_id: bool = False
 
     def __post_init__(self) -> None:
         if not self.request_id:

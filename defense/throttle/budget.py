@@ -230,7 +230,7 @@ class Budget(AdmissionDefense):
         rkey = f"{ck}\x1f{ctx.request_id}"
         now = self.clock.now()
         code, retry, frac, over = self.store.reserve(rkey, plan, (1, p_tok, c_tok, p_tok + c_tok, lv, 1), now,
-                                                     self._ttl)
+                                                     self._ttl, private=ctx.private_id)
         if code != OK:
             return self._refusal(plan, code, retry)
         if over:

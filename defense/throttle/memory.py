@@ -43,7 +43,8 @@ class MemoryStore(Store):
         """Held or settled here (a shared store's stand-in answers retries of what it took)."""
         return rkey in self._res or rkey in self._settled
 
-    def reserve(self, rkey: str, plan: Plan, amounts: Sequence[int], now: float, ttl: float) -> Reserved:
+    def reserve(self, rkey: str, plan: Plan, amounts: Sequence[int], now: float, ttl: float, *,
+                private: bool = False) -> Reserved:
         with self._lock:
             if now >= self._next_sweep:
                 self._sweep(now)

@@ -255,7 +255,9 @@ class RedisStore(SharedStore):
             except (OSError, RespError, ValueError) as e:
                 raise StoreError(f"redis: {type(e).__name__}") from e
 
-    def _reserve(self, rkey: str, plan: Plan, amounts: Sequence[int], now: float, ttl: float) -> Reserved:
+    def _reserve(self, rkey: str, plan: Plan, amounts: Sequence[int], now: float, ttl: float,
+                 private: bool) -> Reserved:
+        # private or not: the settle script's marker is part of its one atomic call, nothing to save
         prefix, fixed, n_keys, parts, _ = self._keys(plan)
         spec = ";".join([f"{a}{amounts[b.unit]}{z}" for b, (a, z) in zip(plan.buckets, parts, strict=True)])
         r = self._call(self._reserve_lua, pack_args([prefix + rkey]) + fixed, n_keys,

@@ -51,7 +51,8 @@ class SharedStore(Store):
 
     # -- backend hooks ------------------------------------------------------------------------------
     @abc.abstractmethod
-    def _reserve(self, rkey: str, plan: Plan, amounts: Sequence[int], now: float, ttl: float) -> Reserved: ...
+    def _reserve(self, rkey: str, plan: Plan, amounts: Sequence[int], now: float, ttl: float,
+                 private: bool) -> Reserved: ...
 
     @abc.abstractmethod
     def _settle(self, rkey: str, plan: Plan, actuals: Sequence[int], now: float, dedup_s: float) -> bool: ...
@@ -98,13 +99,14 @@ class SharedStore(Store):
         self._used_fallback = True
         return self.fallback.reserve(rkey, plan, amounts, now, ttl)
 
-    def reserve(self, rkey: str, plan: Plan, amounts: Sequence[int], now: float, ttl: float) -> Reserved:
+    def reserve(self, rkey: str, plan: Plan, amounts: Sequence[int], now: float, ttl: float, *,
+                private: bool = False) -> Reserved:
         if now < self._down_until:
             return self._degraded_reserve(rkey, plan, amounts, now, ttl)
         if self._used_fallback and rkey in self.fallback:  # admitted locally in an outage, retried since
             return self.fallback.reserve(rkey, plan, amounts, now, ttl)
         try:
-            r = self._reserve(rkey, plan, amounts, now, ttl)
+            r = self._reserve(rkey, plan, amounts, now, ttl, private)
             if self._down:
                 self._back(now)
             if self._pending:

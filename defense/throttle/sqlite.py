@@ -20,6 +20,8 @@ admitted (a retried Admit reaching a different sidecar) holds budget twice until
 Settle writes one small row (the request's hash) in its own transaction: a retried Settle reaching
 another process, or this one after a restart, is charged once. Markers live in two tables that take
 turns, emptied whole every ``settle_dedup_s`` (a DELETE without WHERE is a truncate): no index, no scan.
+A request whose id its front minted in this process (``RequestContext.private_id``: the in-process
+fronts) can be settled only here, and once, so it writes no marker.
 
 Concurrency slots (max_parallel) cannot refill with time, so each process records the slots it holds
 in ``dg_holders`` with an expiry it renews while it runs; a killed process's slots come back when their
@@ -141,7 +143,7 @@ class SqliteStore(SharedStore):
         # key -> [remaining, expires, used_at_grant, window_tag, over_cap, bucket]: budget leased from the file
         self._bal: dict[str, list] = {}
         self._bal_q: deque[tuple[float, str]] = deque()  # (expires, key) in grant order: upkeep pops expired
-        self._res: dict[str, list] = {}  # rkey -> [expires, buckets, amounts, fraction, over, tags]
+        self._res: dict[str, list] = {}  # rkey -> [expires, buckets, amounts, fraction, over, tags, private]
         self._res_q: deque[tuple[float, str]] = deque()
         self._held: dict[str, float] = {}  # concurrency key -> slots this process holds in dg_holders
         self._blocked: dict[str, float] = {}  # key -> until: the file refused lately, do not ask before
@@ -210,7 +212,8 @@ class SqliteStore(SharedStore):
             self._ticker = loop.call_later(_MAINT_S, self._tick)
 
     # -- admission ----------------------------------------------------------------------------------
-    def _reserve(self, rkey: str, plan: Plan, amounts: Sequence[int], now: float, ttl: float) -> Reserved:
+    def _reserve(self, rkey: str, plan: Plan, amounts: Sequence[int], now: float, ttl: float,
+                 private: bool) -> Reserved:
         with self._lock:
             self._last_now = now
             if now >= self._next_maint:
@@ -250,13 +253,13 @@ class SqliteStore(SharedStore):
                     a = amounts[b.unit]
                     if a:
                         bal[b.key][0] += a
-                return self._reserve_slow(rkey, buckets, amounts, now, ttl)
-            self._res[rkey] = [now + ttl, buckets, amounts, frac, over, tags]
+                return self._reserve_slow(rkey, buckets, amounts, now, ttl, private)
+            self._res[rkey] = [now + ttl, buckets, amounts, frac, over, tags, private]
             self._res_q.append((now + ttl, rkey))
             return OK, 0.0, frac, over
 
     def _reserve_slow(self, rkey: str, buckets: Sequence[Bucket], amounts: Sequence[int], now: float,
-                      ttl: float) -> Reserved:
+                      ttl: float, private: bool) -> Reserved:
         """Some lease is short: one transaction tops up every short one, then the request is taken from them."""
         bal = self._bal
         need: list[int] = []
@@ -291,7 +294,7 @@ class SqliteStore(SharedStore):
                     frac = f
             if e[4]:
                 over = True
-        self._res[rkey] = [now + ttl, buckets, amounts, frac, over, tags]
+        self._res[rkey] = [now + ttl, buckets, amounts, frac, over, tags, private]
         self._res_q.append((now + ttl, rkey))
         return OK, 0.0, frac, over
 
@@ -380,7 +383,8 @@ class SqliteStore(SharedStore):
             try:
                 if gen != self._gen:
                     self._rotate(c, gen)
-                first = c.execute(_MARKS[gen % 2], (h, h)).rowcount == 1
+                # a private id is settled here only, once: no marker for other processes to find
+                first = (rec is not None and rec[6]) or c.execute(_MARKS[gen % 2], (h, h)).rowcount == 1
                 if rec is not None:
                     for b, tag in zip(rec[1], rec[5], strict=True):
                         r = rec[2][b.unit]
@@ -418,7 +422,8 @@ class SqliteStore(SharedStore):
     def _settle_known(self, rec: list, h: int, gen: int, actuals: Sequence[int], now: float) -> bool | None:
         """The usual settle: this process holds the reservation and its leases absorb the difference, so the
         file needs only the settled marker, one autocommit statement (a transaction of its own) instead of
-        BEGIN, INSERT and COMMIT. None: some usage must be charged to the file; the caller's transaction does."""
+        BEGIN, INSERT and COMMIT, and a private id (minted and settled by this process only) not even that.
+        None: some usage must be charged to the file; the caller's transaction does."""
         charges: list[tuple[Bucket, float]] = []
         local = [(b, rec[2][b.unit] - actuals[b.unit], tag) for b, tag in zip(rec[1], rec[5], strict=True)
                  if rec[2][b.unit] or actuals[b.unit]]
@@ -427,10 +432,13 @@ class SqliteStore(SharedStore):
             return None
         if self._closed:
             raise StoreError("store is closed")
-        try:
-            first = self._conn.execute(_MARKS[gen % 2], (h, h)).rowcount == 1
-        except sqlite3.Error as e:
-            raise StoreError(f"sqlite: {e}") from e
+        if rec[6]:
+            first = True
+        else:
+            try:
+                first = self._conn.execute(_MARKS[gen % 2], (h, h)).rowcount == 1
+            except sqlite3.Error as e:
+                raise StoreError(f"sqlite: {e}") from e
         if not first:  # settled by another process already: release the whole reservation here
             local = [(b, rec[2][b.unit], tag) for b, tag in zip(rec[1], rec[5], strict=True) if rec[2][b.unit]]
         for b, diff, tag in local:

@@ -68,9 +68,11 @@ class Store(abc.ABC):
         c.inc(n)
 
     @abc.abstractmethod
-    def reserve(self, rkey: str, plan: Plan, amounts: Sequence[int], now: float, ttl: float) -> Reserved:
+    def reserve(self, rkey: str, plan: Plan, amounts: Sequence[int], now: float, ttl: float, *,
+                private: bool = False) -> Reserved:
         """Take ``amounts[b.unit]`` from every bucket of the plan, or nothing. A known rkey is a retry:
-        answered OK without taking again."""
+        answered OK without taking again. ``private``: only this process will ever settle rkey, and at most
+        once (its id was minted here), so its settle needs no marker for other processes."""
 
     @abc.abstractmethod
     def settle(self, rkey: str, plan: Plan, actuals: Sequence[int], now: float, dedup_s: float) -> bool:

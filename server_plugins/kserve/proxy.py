@@ -235,7 +235,7 @@ class KServeProxy:
             # never the client's own id: a reused id would hit the chain's idempotency ledger and be
             # admitted (and charged) once for many requests
             request_id=f"{self._id_prefix}{next(self._seq)}", client_id=client, tenant=tenant, model=model,
-            api=Api.KSERVE_V2, prompt=prompt,
+            api=Api.KSERVE_V2, prompt=prompt, private_id=True,  # settled by this proxy only, once (Prepared.settled)
             context_digest=context_digest(model, prompt),  # the chain would derive it, at the cost of a copy
             max_tokens=0,  # nothing is generated: a classifier reserves no completion tokens
             logprobs=bool(spec.protected & (set(asked) if asked else set(meta.outputs))),

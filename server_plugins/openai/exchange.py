@@ -180,7 +180,7 @@ class Exchange:
         client, tenant = self._ident or self._identify()
         try:
             ctx = req.context(request_id=self.request_id, client_id=client, tenant=tenant,
-                              received_at=rt.deps.clock.now())
+                              received_at=rt.deps.clock.now(), private_id=True)  # minted here, settled here
             adm = rt.chain.admit(ctx)
         except InvalidInput as e:
             return self._refuse(error_reply(400, str(e), code="invalid_request"))

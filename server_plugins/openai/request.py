@@ -49,14 +49,16 @@ class OpenAIRequest:
     prompt_logprobs: bool = False
     echo: bool = False
 
-    def context(self, *, request_id: str, client_id: str, tenant: str, received_at: float = 0.0) -> RequestContext:
-        """The request as admission sees it, with its context digest (so the chain need not copy it to add one)."""
+    def context(self, *, request_id: str, client_id: str, tenant: str, received_at: float = 0.0,
+                private_id: bool = False) -> RequestContext:
+        """The request as admission sees it, with its context digest (so the chain need not copy it to add one).
+        ``private_id``: the front minted request_id and settles it itself (RequestContext.private_id)."""
         return RequestContext(
             request_id=request_id, client_id=client_id, tenant=tenant, model=self.model, api=self.api,
             prompt=self.prompt, max_tokens=self.max_tokens, n=self.n, temperature=self.temperature, seed=self.seed,
             stream=self.stream, logprobs=self.logprobs, top_logprobs=self.top_logprobs,
             logit_bias_entries=self.logit_bias_entries, prompt_logprobs=self.prompt_logprobs, echo=self.echo,
-            context_digest=context_digest(self.model, self.prompt), received_at=received_at,
+            context_digest=context_digest(self.model, self.prompt), received_at=received_at, private_id=private_id,
         )
 
 

@@ -124,7 +124,16 @@ def test_a_settle_runs_once_the_answer_is_out_or_at_shutdown():
         await asyncio.sleep(0.05)
         assert [c for _, c in support_defenses.CALLS] == ["admit top_logprobs=0", "settle ok 0"]
 
-    run([RECORDER], body)
+    seen = []
+
+    def spy(proxy):
+        chain = proxy.holder.runtime.chain
+        admit = chain.admit
+        chain.admit = lambda ctx: (seen.append(ctx), admit(ctx))[1]
+
+    run([RECORDER], body, setup=spy)
+    # the proxy mints each request's id and settles it once itself: a shared store keeps no marker for it
+    assert [c.private_id for c in seen] == [True]
 
     async def queued(stub, fake):
         await stub.ModelInfer(x_request(), metadata=BEARER)

@@ -288,6 +288,7 @@ def test_request_ids_are_the_fronts_own():
     a, _ = admitted(rt, headers={**AUTH, "x-request-id": "same"})
     b, _ = admitted(rt, headers={**AUTH, "x-request-id": "same"})
     assert a.request_id != b.request_id  # a client reusing an id cannot replay an admission
+    assert a.adm.ctx.private_id  # minted and settled here only: a shared store keeps no settle marker for it
 
 
 def test_chat_answer_is_protected():

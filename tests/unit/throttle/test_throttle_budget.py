@@ -80,6 +80,23 @@ def test_retry_admit_and_settle_are_idempotent(make):
                                0.0, 900.0) is False
 
 
+def test_a_private_id_is_settled_once_through_the_chain(make, tmp_path):
+    """An in-process front's id (private_id) leaves no marker in a sqlite store; a retried settle is still
+    charged once, caught by the chain's ledger."""
+    import sqlite3
+
+    ch = make(uri=f"sqlite:///{tmp_path}/s.db")
+    budget: Budget = ch.entries[0].defense
+    for rid in ("p1", "p2"):
+        assert ch.admit(ctx(rid, private_id=True)).allowed
+        assert ch.settle(ctx(rid), Usage(prompt_tokens=10, completion_tokens=5)) is True
+    assert ch.settle(ctx("p1"), Usage(prompt_tokens=10, completion_tokens=5)) is False
+    used = {lim.name: lim.used for lim in budget.budget_status("c_a").limits}
+    assert used["rpm"] == 2 and used["tpm"] == 30
+    with sqlite3.connect(tmp_path / "s.db") as c:
+        assert sum(c.execute(f"SELECT count(*) FROM dg_settled{i}").fetchone()[0] for i in (0, 1)) == 0
+
+
 def test_tensor_apis_reserve_the_values_they_will_return(make):
     """A classifier front knows its output size: the values are reserved at admission, not only charged later."""
     ch = make()

@@ -212,6 +212,34 @@ def test_sqlite_settle_marker_alone_still_dedups_both_ways(tmp_path):
     c.close()
 
 
+def _markers(path):
+    with sqlite3.connect(path) as c:
+        return sum(c.execute(f"SELECT count(*) FROM dg_settled{i}").fetchone()[0] for i in (0, 1))
+
+
+@pytest.mark.parametrize("gen_changes", [False, True])
+def test_sqlite_private_ids_settle_without_a_marker(tmp_path, gen_changes):
+    """An id minted by this process's own front (private) is settled only here: its settle charges like any
+    other but writes no marker row, on the short path and on the transaction path (a new marker generation)."""
+    a, b = _two(tmp_path)
+    p = plan(period=1e9)  # nothing refills in the test's time
+    use = (1, 10, 30, 40, 0, 0)
+    a.reserve("warm", p, REQ, T0, TTL)
+    assert a.settle("warm", p, use, T0, DEDUP) is True
+    assert _markers(tmp_path / "s.db") == 1
+    now = T0 + DEDUP if gen_changes else T0
+    for i in range(3):
+        assert a.reserve(f"p{i}", p, REQ, now, TTL, private=True)[0] == OK
+        assert a.settle(f"p{i}", p, use, now, DEDUP) is True
+    assert _markers(tmp_path / "s.db") == 1  # the public id's only (a rotation keeps the previous table)
+    a.reserve("pub", p, REQ, now, TTL)
+    assert a.settle("pub", p, use, now, DEDUP) is True
+    assert _markers(tmp_path / "s.db") == 2  # public ids still leave theirs
+    a.close()
+    assert b.status(p, now)[1][0] == pytest.approx(5 * 40, abs=0.01)  # every settle charged, once
+    b.close()
+
+
 def test_sqlite_max_parallel_across_processes(tmp_path):
     a, b = _two(tmp_path)
     p = plan(parallel=3)
@@ -276,9 +304,9 @@ class Flaky(SharedStore):
         if not self.up:
             raise StoreError("down")
 
-    def _reserve(self, rkey, plan, amounts, now, ttl):
+    def _reserve(self, rkey, plan, amounts, now, ttl, private):
         self._check()
-        return self.inner.reserve(rkey, plan, amounts, now, ttl)
+        return self.inner.reserve(rkey, plan, amounts, now, ttl, private=private)
 
     def _settle(self, rkey, plan, actuals, now, dedup_s):
         self._check()
