@@ -109,5 +109,10 @@ class ResponseDefense(Defense):
     def apply(self, batch: LogprobBatch, ctx: RequestContext) -> LogprobBatch:
         """Return a new batch; never mutate ``batch``."""
 
+    def apply_counted(self, batch: LogprobBatch, ctx: RequestContext) -> tuple[LogprobBatch, int | None]:
+        """``apply``, and how many values it changed when the defense counted them on the way (the chain
+        counts them itself on None)."""
+        return self.apply(batch, ctx), None
+
 
 DEFENSE_KINDS: tuple[type[Defense], ...] = (AdmissionDefense, SamplingDefense, ResponseDefense)

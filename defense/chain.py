@@ -459,7 +459,7 @@ class DefenseChain:
             d: ResponseDefense = e.defense  # type: ignore[assignment]
             t0 = self.clock.monotonic()
             try:
-                out = d.apply(current, ctx)
+                out, changed = d.apply_counted(current, ctx)
             except InvalidInput:
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -471,7 +471,8 @@ class DefenseChain:
                 continue
             dt = self.clock.monotonic() - t0
             steps.append(Step(e.name, e.mode, seconds=dt))
-            changed = _n_changed(current, out)
+            if changed is None:
+                changed = _n_changed(current, out)
             if changed and e.mode is not Mode.SHADOW:
                 applied.append(e.name)
                 current = out

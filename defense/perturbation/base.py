@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -84,8 +85,11 @@ class LogitShift(ResponseDefense):
         return self.delta(batch, ctx, ids, rows)
 
     def apply(self, batch: LogprobBatch, ctx: RequestContext) -> LogprobBatch:
+        return self.apply_counted(batch, ctx)[0]
+
+    def apply_counted(self, batch: LogprobBatch, ctx: RequestContext) -> tuple[LogprobBatch, int | None]:
         if batch.values.size == 0 or self.strength(ctx) == 0:
-            return batch
+            return batch, 0
         if kernels.ENABLED:
             return self._apply_fused(batch, ctx)
         present = batch.present
@@ -105,21 +109,31 @@ class LogitShift(ResponseDefense):
                                     normalize=batch.kind is OutputKind.PROBABILITIES)
         sampled = (self._sampled(batch, ids, present, new, shift, d_sampled) if with_sampled
                    else batch.sampled_values)
-        return replace(batch, values=from_logprobs(new, batch, present), sampled_values=sampled)
+        return replace(batch, values=from_logprobs(new, batch, present), sampled_values=sampled), None
 
-    def _apply_fused(self, batch: LogprobBatch, ctx: RequestContext) -> LogprobBatch:
-        """``apply`` in one compiled pass after the deltas (kernels.shift): the same steps as the numpy code."""
+    def _apply_fused(self, batch: LogprobBatch, ctx: RequestContext) -> tuple[LogprobBatch, int]:
+        """``apply_counted`` in one compiled pass after the deltas (kernels.shift): the same steps as the numpy
+        code, counting the values it changed on the way."""
         with_sampled = batch.sampled_values is not None and batch.sampled_token_ids is not None
         sids = batch.sampled_token_ids if with_sampled else _NO_IDS
-        d = self.deltas(batch, ctx, sids)  # type: ignore[arg-type]
+        svals = batch.sampled_values if with_sampled else _NO_VALUES
         scale = temperature_scale(batch)
-        if scale != 1.0:
-            d = d * scale
         prob = batch.kind is OutputKind.PROBABILITIES
-        new, sampled = kernels.shift(batch.values, batch.token_ids, d, sids,
-                                     batch.sampled_values if with_sampled else _NO_VALUES,
-                                     self.keep_argmax, prob, prob, ARGMAX_MARGIN)
-        return batch.with_values(new, sampled if with_sampled else batch.sampled_values)
+        fused = self._fused_shift(batch, ctx, sids, svals, scale, prob)  # type: ignore[arg-type]
+        if fused is None:
+            d = self.deltas(batch, ctx, sids)  # type: ignore[arg-type]
+            if scale != 1.0:
+                d = d * scale
+            fused = kernels.shift(batch.values, batch.token_ids, d, sids, svals, self.keep_argmax, prob, prob,
+                                  ARGMAX_MARGIN)
+        new, sampled, changed = fused
+        return batch.with_values(new, sampled if with_sampled else batch.sampled_values), int(changed)
+
+    def _fused_shift(self, batch: LogprobBatch, ctx: RequestContext, sampled_ids: np.ndarray,
+                     sampled_values: np.ndarray, scale: float, prob: bool) -> tuple[Any, Any, int] | None:
+        """A subclass whose deltas a kernel can draw inside the shift's pass (kernels.keyed_shift) returns
+        ``kernels``' (values, sampled values, changed) here; None: deltas first, then kernels.shift."""
+        return None
 
     def _sampled(self, batch: LogprobBatch, ids: np.ndarray, present: np.ndarray, new: np.ndarray,
                  shift: np.ndarray, d_sampled: np.ndarray) -> np.ndarray:

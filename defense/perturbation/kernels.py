@@ -59,6 +59,27 @@ def _mix(x: Any) -> Any:
 
 
 @_jit
+def _keyed_row(s: Any, row: int, ids: np.ndarray, i: int, dense: bool, k: int, sid: int, extra: int, factor: float,
+               scale: float, out: np.ndarray) -> None:
+    """Row ``i``'s draws (position ``row``) into ``out`` [k + extra]: keyed_normal's loop body, times ``scale``
+    when it is not 1 (a separate product, as the numpy path multiplies the deltas by the temperature's)."""
+    h_row = _mix(np.uint64(row) * _GOLDEN + s)
+    for j in range(k + extra):
+        if j == k:
+            t = sid
+        elif dense:
+            t = j
+        else:
+            t = ids[i, j]
+        h = _mix(np.uint64(t) * _GOLDEN + h_row)
+        h2 = _mix(h ^ _GOLDEN)
+        u1 = 1.0 - float(h >> _S11) * _LOW53
+        u2 = float(h2 >> _S11) * _LOW53
+        x = (math.sqrt(-2.0 * math.log(u1)) * math.cos(_TWO_PI * u2)) * factor
+        out[j] = x * scale if scale != 1.0 else x
+
+
+@_jit
 def keyed_normal(seed: int, offset: int, ids: np.ndarray, k: int, sampled: np.ndarray, factor: float) -> np.ndarray:
     """``prf.normal(hash_combine(seed, row + offset, id)) * factor`` for every id of ``ids`` [P, k] and, when
     ``sampled`` has P entries, one more column for them: [P, k + (1 if sampled else 0)] float64. ``ids`` of
@@ -69,27 +90,16 @@ def keyed_normal(seed: int, offset: int, ids: np.ndarray, k: int, sampled: np.nd
     out = np.empty((p, k + extra), dtype=np.float64)
     s = np.uint64(seed)
     for i in range(p):
-        h_row = _mix(np.uint64(i + offset) * _GOLDEN + s)
-        for j in range(k + extra):
-            if j == k:
-                t = sampled[i]
-            elif dense:
-                t = j
-            else:
-                t = ids[i, j]
-            h = _mix(np.uint64(t) * _GOLDEN + h_row)
-            h2 = _mix(h ^ _GOLDEN)
-            u1 = 1.0 - float(h >> _S11) * _LOW53
-            u2 = float(h2 >> _S11) * _LOW53
-            out[i, j] = (math.sqrt(-2.0 * math.log(u1)) * math.cos(_TWO_PI * u2)) * factor
+        _keyed_row(s, i + offset, ids, i, dense, k, sampled[i] if extra else 0, extra, factor, 1.0, out[i])
     return out
 
 
 @_jit
 def shift(values: np.ndarray, ids: np.ndarray, delta: np.ndarray, sampled_ids: np.ndarray,
           sampled_values: np.ndarray, keep_argmax: bool, probabilities: bool, normalize: bool,
-          margin: float) -> tuple[np.ndarray, np.ndarray]:
-    """``LogitShift.apply``'s math in one pass: (new values [P, K] float32, new sampled values [P] float32).
+          margin: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """``LogitShift.apply``'s math in one pass: (new values [P, K] float32, new sampled values [P] float32,
+    how many of the values changed).
 
     values [P, K] float32 (logprobs, or probabilities when ``probabilities``); ids [P, K] int64, -1 for a
     missing slot, or [P, 0] for dense probability vectors (column j is class j, every slot present); delta
@@ -97,67 +107,108 @@ def shift(values: np.ndarray, ids: np.ndarray, delta: np.ndarray, sampled_ids: n
     ops.shift_logprobs, base.from_logprobs and LogitShift._sampled."""
     p, k = values.shape
     dense = ids.shape[1] != k
-    ninf = -np.inf
     out = np.empty((p, k), dtype=np.float32)
     with_sampled = sampled_ids.shape[0] == p and p > 0
     sout = np.empty(p if with_sampled else 0, dtype=np.float32)
     lp = np.empty(k, dtype=np.float64)
     moved = np.empty(k, dtype=np.float64)
+    changed = 0
     for i in range(p):
-        # as_logprobs, and the row's target mass (logsumexp with numpy's summation order)
+        changed += _shift_row(values, ids, i, dense, delta[i], with_sampled, sampled_ids, sampled_values, keep_argmax,
+                              probabilities, normalize, margin, lp, moved, out, sout)
+    return out, sout, changed
+
+
+@_jit
+def keyed_shift(seed: int, offset: int, factor: float, scale: float, values: np.ndarray, ids: np.ndarray,
+                sampled_ids: np.ndarray, sampled_values: np.ndarray, keep_argmax: bool, probabilities: bool,
+                normalize: bool, margin: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """``shift`` with ``keyed_normal(seed, offset, ids, K, sampled_ids, factor) * scale`` as its delta, drawn
+    row by row in the same pass (the keyed noise's whole Protect in one call)."""
+    p, k = values.shape
+    dense = ids.shape[1] != k
+    out = np.empty((p, k), dtype=np.float32)
+    with_sampled = sampled_ids.shape[0] == p and p > 0
+    extra = 1 if with_sampled else 0
+    sout = np.empty(p if with_sampled else 0, dtype=np.float32)
+    lp = np.empty(k, dtype=np.float64)
+    moved = np.empty(k, dtype=np.float64)
+    drow = np.empty(k + extra, dtype=np.float64)
+    s = np.uint64(seed)
+    changed = 0
+    for i in range(p):
+        _keyed_row(s, i + offset, ids, i, dense, k, sampled_ids[i] if extra else 0, extra, factor, scale, drow)
+        changed += _shift_row(values, ids, i, dense, drow, with_sampled, sampled_ids, sampled_values, keep_argmax,
+                              probabilities, normalize, margin, lp, moved, out, sout)
+    return out, sout, changed
+
+
+@_jit
+def _shift_row(values: np.ndarray, ids: np.ndarray, i: int, dense: bool, delta: np.ndarray, with_sampled: bool,
+               sampled_ids: np.ndarray, sampled_values: np.ndarray, keep_argmax: bool, probabilities: bool,
+               normalize: bool, margin: float, lp: np.ndarray, moved: np.ndarray, out: np.ndarray,
+               sout: np.ndarray) -> int:
+    """Row ``i`` of ``shift`` (``delta``: that row's [K (+1)] moves) into ``out`` and ``sout``; the number of
+    the row's values that changed (``!=``, as the chain counts them)."""
+    k = values.shape[1]
+    ninf = -np.inf
+    # as_logprobs, and the row's target mass (logsumexp with numpy's summation order)
+    for j in range(k):
+        if dense or ids[i, j] >= 0:
+            v = np.float64(values[i, j])  # float() keeps float32 in numba: log must run in float64
+            lp[j] = math.log(v) if probabilities else v
+        else:
+            lp[j] = ninf
+    target = 0.0 if normalize else _logsumexp(lp, k)
+    top = 0
+    for j in range(k):
+        moved[j] = lp[j] + delta[j] if dense or ids[i, j] >= 0 else ninf
+        if lp[j] > lp[top]:
+            top = j
+    if keep_argmax:
+        cap = moved[top] - margin
         for j in range(k):
-            if dense or ids[i, j] >= 0:
-                v = np.float64(values[i, j])  # float() keeps float32 in numba: log must run in float64
-                lp[j] = math.log(v) if probabilities else v
-            else:
-                lp[j] = ninf
-        target = 0.0 if normalize else _logsumexp(lp, k)
-        top = 0
+            if j != top and moved[j] > cap:
+                moved[j] = cap
+    sh = _logsumexp(moved, k) - target
+    if not math.isfinite(sh):
+        sh = 0.0
+    floor = np.inf
+    changed = 0
+    for j in range(k):
+        x = moved[j] - sh
+        x = x if x < 0.0 else 0.0  # np.minimum(x, 0.0); NaN cannot occur: moved is finite or -inf
+        moved[j] = x
+        if dense or ids[i, j] >= 0:
+            out[i, j] = math.exp(x) if probabilities else x
+            if x < floor:
+                floor = x
+        else:
+            out[i, j] = values[i, j]
+        if out[i, j] != values[i, j]:
+            changed += 1
+    if with_sampled:
+        sid = sampled_ids[i]
+        hit = False
+        best = ninf
         for j in range(k):
-            moved[j] = lp[j] + delta[i, j] if dense or ids[i, j] >= 0 else ninf
-            if lp[j] > lp[top]:
-                top = j
-        if keep_argmax:
-            cap = moved[top] - margin
-            for j in range(k):
-                if j != top and moved[j] > cap:
-                    moved[j] = cap
-        sh = _logsumexp(moved, k) - target
-        if not math.isfinite(sh):
-            sh = 0.0
-        floor = np.inf
-        for j in range(k):
-            x = moved[j] - sh
-            x = x if x < 0.0 else 0.0  # np.minimum(x, 0.0); NaN cannot occur: moved is finite or -inf
-            moved[j] = x
-            if dense or ids[i, j] >= 0:
-                out[i, j] = math.exp(x) if probabilities else x
-                if x < floor:
-                    floor = x
-            else:
-                out[i, j] = values[i, j]
-        if with_sampled:
-            sid = sampled_ids[i]
-            hit = False
-            best = ninf
-            for j in range(k):
-                if (j == sid) if dense else (ids[i, j] >= 0 and ids[i, j] == sid):
-                    hit = True
-                    if moved[j] > best:
-                        best = moved[j]
-            if hit:
-                r = best
-            else:
-                sv = np.float64(sampled_values[i])
-                if probabilities:
-                    sv = math.log(sv) if sv > 0 else ninf
-                r = sv + delta[i, k] - sh
-                if floor < r:
-                    r = floor
-            if r > 0.0:
-                r = 0.0
-            sout[i] = math.exp(r) if probabilities else r
-    return out, sout
+            if (j == sid) if dense else (ids[i, j] >= 0 and ids[i, j] == sid):
+                hit = True
+                if moved[j] > best:
+                    best = moved[j]
+        if hit:
+            r = best
+        else:
+            sv = np.float64(sampled_values[i])
+            if probabilities:
+                sv = math.log(sv) if sv > 0 else ninf
+            r = sv + delta[k] - sh
+            if floor < r:
+                r = floor
+        if r > 0.0:
+            r = 0.0
+        sout[i] = math.exp(r) if probabilities else r
+    return changed
 
 
 @_jit
@@ -272,5 +323,9 @@ def warm() -> None:
     for sampled in (one, none):
         d = keyed_normal(7, 0, dense, 2, sampled, 0.5)
         shift(probs, dense, d, sampled, np.full(sampled.shape, 0.75, dtype=np.float32), True, True, True, 1e-4)
+    for v, i, prob in ((vals, ids, False), (probs, dense, True)):
+        for sampled in (one, none):
+            keyed_shift(7, 0, 0.5, 1.0, v, i, sampled, np.full(sampled.shape, v[0, 1], dtype=np.float32), True, prob,
+                        prob, 1e-4)
     check_top(vals, ids, 1e-3, 1e-3)
     check_probs(probs, 1e-3)

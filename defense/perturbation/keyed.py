@@ -24,7 +24,7 @@ from ..errors import InvalidInput
 from ..types import LogprobBatch, RequestContext
 from . import kernels
 from .base import LogitShift
-from .ops import shift_logprobs
+from .ops import ARGMAX_MARGIN, shift_logprobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +75,12 @@ class KeyedNoise(LogitShift):
             return super().deltas(batch, ctx, sampled_ids)
         return kernels.keyed_normal(self.seed(ctx.model, ctx.context_digest), batch.position_offset, batch.token_ids,
                                     batch.values.shape[1], sampled_ids, self.params.sigma * self.strength(ctx))
+
+    def _fused_shift(self, batch: LogprobBatch, ctx: RequestContext, sampled_ids: np.ndarray,
+                     sampled_values: np.ndarray, scale: float, prob: bool) -> tuple[Any, Any, int]:
+        return kernels.keyed_shift(self.seed(ctx.model, ctx.context_digest), batch.position_offset,
+                                   self.params.sigma * self.strength(ctx), scale, batch.values, batch.token_ids,
+                                   sampled_ids, sampled_values, self.keep_argmax, prob, prob, ARGMAX_MARGIN)
 
     def perturb(self, values: Any, token_ids: Any, *, seeds: Any, positions: Any, strength: float = 1.0,
                 scale: float = 1.0, normalize: bool = False) -> Any:

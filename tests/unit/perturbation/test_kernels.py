@@ -127,6 +127,54 @@ def test_keyed_normal_is_the_prf():
                                rtol=1e-15, atol=1e-15)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_keyed_shift_is_keyed_normal_then_shift_bit_for_bit(seed):
+    """The keyed noise's one-call Protect draws the same deltas and shifts them the same way, and counts
+    the values it changed as the chain would (``!=``)."""
+    rng = np.random.default_rng(500 + seed)
+    p = int(rng.integers(1, 20))
+    if seed % 2:
+        b = prob_batch(rng.normal(0, 2, (p, int(rng.integers(2, 40)))))
+    else:
+        b = topk_batch(rng.normal(0, 3, (p, 60)), int(rng.integers(1, 8)), missing=1 if seed % 4 == 2 else 0)
+    if seed % 3 and seed % 2:  # dense: the sampled class is one of the columns
+        b = replace(b, sampled_token_ids=rng.integers(0, b.values.shape[1], p).astype(np.int64),
+                    sampled_values=np.full(p, 0.01, dtype=np.float32))
+    elif seed % 3:
+        b = _with_sampled(b, rng)
+    prob = b.kind is OutputKind.PROBABILITIES
+    with_sampled = b.sampled_token_ids is not None
+    sids = b.sampled_token_ids if with_sampled else np.empty(0, dtype=np.int64)
+    svals = b.sampled_values if with_sampled else np.empty(0, dtype=np.float32)
+    k = b.values.shape[1]
+    seed_word, offset = int(rng.integers(-2**63, 2**63 - 1)), int(rng.integers(0, 100))
+    factor, scale = float(rng.uniform(0.1, 3)), (1.0, 1 / 0.7)[seed % 2]
+    d = kernels.keyed_normal(seed_word, offset, b.token_ids, k, sids, factor)
+    if scale != 1.0:
+        d = d * scale
+    want = kernels.shift(b.values, b.token_ids, d, sids, svals, seed % 5 != 0, prob, prob, 1e-4)
+    got = kernels.keyed_shift(seed_word, offset, factor, scale, b.values, b.token_ids, sids, svals, seed % 5 != 0,
+                              prob, prob, 1e-4)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[2] == want[2] == int(np.count_nonzero(got[0] != b.values))
+
+
+@pytest.mark.parametrize("make", ["keyed", "random"])
+def test_fused_shifts_count_what_the_chain_would(make, monkeypatch):
+    from defense.chain import _n_changed
+
+    rng = np.random.default_rng(9)
+    b = _with_sampled(topk_batch(rng.normal(0, 3, (16, 50)), 5, missing=1), rng)
+    d = (KeyedNoise(KeyedNoiseParams(sigma=0.5), deps=Deps(keys=KEYS)) if make == "keyed"
+         else RandomNoise(RandomNoiseParams(sigma=0.5, seed=3)))
+    out, n = d.apply_counted(b, ctx(rng.bytes(32)))
+    assert n == _n_changed(b, out) > 0
+    assert d.apply_counted(b, ctx(rng.bytes(32), strength=0.0)) == (b, 0)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert d.apply_counted(b, ctx(rng.bytes(32)))[1] is None  # the numpy path leaves the count to the chain
+
+
 def _same_refusal(b: LogprobBatch, monkeypatch) -> None:
     """The compiled and the numpy checks refuse ``b`` with the same message."""
     with pytest.raises(InvalidInput) as fused:
