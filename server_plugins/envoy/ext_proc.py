@@ -116,6 +116,11 @@ def body_response(which: int, data: bytes, *, set_headers: tuple[tuple[str, str]
     return _field(which, _field(1, common))
 
 
+# the answers that never change, serialized once: the headers that go on untouched
+_REQUEST_HEADERS_OK = pb.ProcessingResponse(request_headers=pb.HeadersResponse()).SerializeToString()
+_RESPONSE_HEADERS_OK = pb.ProcessingResponse(response_headers=pb.HeadersResponse()).SerializeToString()
+
+
 def _serialize(response: pb.ProcessingResponse | bytes) -> bytes:
     return response if response.__class__ is bytes else response.SerializeToString()  # type: ignore[union-attr]
 
@@ -145,7 +150,7 @@ class ExtProcServicer:
                     elif msg.request_headers.end_of_stream:
                         yield immediate(error_reply(400, "the request has no body; send a JSON object", code="no_body"))
                     else:
-                        yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+                        yield _REQUEST_HEADERS_OK
                         # grpc resumes this generator once the answer is written: Envoy sends the body
                         # meanwhile, and what the body does not change is ready when it comes
                         ex.prepare()
@@ -176,6 +181,10 @@ class ExtProcServicer:
                     except ValueError:
                         status = 0
                     plan = ex.response_start(status, h)
+                    if plan.mode == "buffer" and not (plan.set_headers or plan.remove_headers
+                                                      or msg.response_headers.end_of_stream):
+                        yield _RESPONSE_HEADERS_OK  # the usual answer: its body comes next, buffered
+                        continue
                     resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
                     if plan.set_headers or plan.remove_headers:
                         resp.response_headers.response.header_mutation.CopyFrom(
