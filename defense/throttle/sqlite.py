@@ -12,7 +12,9 @@ upkeep timer on the sidecar's event loop does it while the process is idle). Wha
 was taken from the file under its write lock, so together they never admit more than the limit. A
 killed process's unused slice stays charged until the window refills (a token bucket drains, a sliding
 window slides): budget is lost, never over-spent, and every settled charge was already in the file
-before the kill (usage above a reservation is written in the settle's own transaction).
+before the kill (usage above a reservation comes out of a lease, which the settle takes from the file
+when the process holds none, or is written to the file in the settle's own transaction when the limit
+leaves no lease to take).
 
 Seen from GetBudget, other processes' unused slices count as used; admitting a request another process
 admitted (a retried Admit reaching a different sidecar) holds budget twice until one of them expires.
@@ -374,6 +376,8 @@ class SqliteStore(SharedStore):
             charges: list[tuple[Bucket, float]] = []  # forced onto the file (used more than leased here)
             if rec is not None and gen == self._gen:
                 done = self._settle_known(rec, h, gen, actuals, now)
+                if done is None and self._lease_overshoot(rec, actuals, now):
+                    done = self._settle_known(rec, h, gen, actuals, now)  # the new lease absorbs it
                 if done is not None:
                     del self._res[rkey]
                     if not done:
@@ -445,6 +449,24 @@ class SqliteStore(SharedStore):
             self._credit(b, diff, tag, now)
         return first
 
+    def _lease_overshoot(self, rec: list, actuals: Sequence[int], now: float) -> bool:
+        """Usage above the reservation that this process's leases cannot absorb (a tensor answer whose size
+        the model's metadata left open reserves no values, and returns some): lease for it, as admission
+        would, so the next such settles come out of memory instead of a transaction each. False when the
+        file refuses the lease (the limit is near); the caller charges the usage to the file then."""
+        buckets = rec[1]
+        amounts = [0] * len(actuals)
+        need = []
+        for i, b in enumerate(buckets):
+            over = actuals[b.unit] - rec[2][b.unit]
+            if over <= 0 or b.algo == CONCURRENCY:
+                continue
+            e = self._bal.get(b.key)
+            if e is None or e[1] <= now or e[0] < over:
+                amounts[b.unit] = over
+                need.append(i)
+        return bool(need) and self._grant(buckets, amounts, need, now) is None
+
     def _fit(self, local: list[tuple[Bucket, float, float]], charges: list[tuple[Bucket, float]],
              now: float) -> list[tuple[Bucket, float, float]]:
         """Usage above the reservation comes out of this process's lease when it can; else it is charged to
@@ -457,6 +479,7 @@ class SqliteStore(SharedStore):
                     if b.algo != CONCURRENCY:
                         charges.append((b, -diff))
                     continue
+                tag = e[3]  # used now: counted in the live lease's window (a refund goes back into its own)
             out.append((b, diff, tag))
         return out
 

@@ -212,6 +212,50 @@ def test_sqlite_settle_marker_alone_still_dedups_both_ways(tmp_path):
     c.close()
 
 
+@pytest.mark.parametrize("window", [TOKEN_BUCKET, SLIDING_WINDOW])
+def test_sqlite_usage_above_the_reservation_is_leased_and_charged_in_full(tmp_path, window):
+    """Answers larger than reserved (a tensor output whose size the metadata left open reserves nothing for
+    it): every overshoot is charged, from a lease taken once rather than a transaction per settle, and in
+    the lease's own window (a sliding window's lease and the reservation's window can differ)."""
+    m = Metrics()
+    a = SqliteStore(str(tmp_path / "s.db"), metrics=m)
+    b = SqliteStore(str(tmp_path / "s.db"))
+    for s in (a, b):
+        s.configure(StoreOptions())
+    # nothing refills in the test's time; a sliding window's period puts T0 on a window start that is not 0
+    period = 1e5 if window == SLIDING_WINDOW else 1e9
+    base = plan(tokens=100_000.0, requests=100_000.0, window=window, period=period)
+    values = Bucket.make(key="t|lv", algo=window, cap=100_000.0, period=period, unit=4, limit="lv",
+                         unit_name="logprob_values", scope="client")
+    p = Plan((*base.buckets, values), "default", "g")
+    commit, commits = a._commit, []
+    a._commit = lambda: (commits.append(1), commit())
+    for i in range(40):
+        now = T0 + i * 0.01
+        assert a.reserve(f"r{i}", p, REQ, now, TTL)[0] == OK  # REQ reserves no values
+        assert a.settle(f"r{i}", p, (1, 10, 140, 150, 10, 0), now, DEDUP) is True  # 50 tokens, 10 values over
+    granted = sample(m, "distillguard_state_store_events_total", backend="sqlite", event="lease_granted")
+    assert granted <= 12 and len(commits) <= 12  # leases and their top-ups (16 requests' worth each), not
+    # a transaction per settle
+    a.close()
+    now = T0 + 0.4
+    assert [round(u, 2) for u, _, _ in b.status(p, now)] == [40, 40 * 150, 40 * 10]
+    b.close()
+
+
+def test_sqlite_overshoot_near_the_limit_is_still_charged(tmp_path):
+    """No lease to take (the limit is near): the overshoot goes to the file in the settle's transaction."""
+    a = SqliteStore(str(tmp_path / "s.db"))
+    a.configure(StoreOptions())
+    p = plan(tokens=300.0, period=1e9)
+    assert a.reserve("r", p, REQ, T0, TTL)[0] == OK
+    assert a.settle("r", p, (1, 10, 390, 400, 0, 0), T0, DEDUP) is True  # beyond the whole limit
+    a.close()
+    c = SqliteStore(str(tmp_path / "s.db"))
+    assert c.status(p, T0)[1][0] == pytest.approx(400, abs=0.01)
+    c.close()
+
+
 def _markers(path):
     with sqlite3.connect(path) as c:
         return sum(c.execute(f"SELECT count(*) FROM dg_settled{i}").fetchone()[0] for i in (0, 1))
