@@ -63,7 +63,7 @@ def main() -> int:
     from pytriton.triton import Triton, TritonConfig
 
     layers = load_layers(args.weights)
-    in_dim = layers[0][0].shape[1]
+    in_dim, classes = layers[0][0].shape[1], layers[-1][0].shape[0]
 
     @batch
     def infer(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -82,9 +82,10 @@ def main() -> int:
     with Triton(config=config, workspace=args.workspace) as triton:
         triton.bind(model_name=args.model, infer_func=infer,
                     inputs=[Tensor(name="x", dtype=np.float32, shape=(in_dim,))],
-                    outputs=[Tensor(name="probs", dtype=np.float32, shape=(-1,)),
-                             Tensor(name="logprobs", dtype=np.float32, shape=(-1,)),
-                             Tensor(name="logits", dtype=np.float32, shape=(-1,)),
+                    # exact shapes: the proxy reserves the values an answer returns at admission
+                    outputs=[Tensor(name="probs", dtype=np.float32, shape=(classes,)),
+                             Tensor(name="logprobs", dtype=np.float32, shape=(classes,)),
+                             Tensor(name="logits", dtype=np.float32, shape=(classes,)),
                              Tensor(name="label", dtype=np.int64, shape=(1,))],
                     config=ModelConfig(max_batch_size=args.max_batch))
         triton.run()
