@@ -55,6 +55,7 @@ SHARED_MEMORY_RPCS = frozenset({
 # per-tensor parameters that move outputs out of the response (shared memory) or turn probabilities into
 # strings the proxy would not recognize as probabilities (Triton's classification extension)
 _BYPASS_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset", "classification")
+_BYPASS_WORDS = (b"shared_memory_", b"classification")
 _FINAL = "triton_final_response"
 
 
@@ -202,7 +203,9 @@ class KServeProxy:
         if spec is None:
             raise Refusal(grpc.StatusCode.NOT_FOUND,
                           f"model {model!r} is not served through this proxy; models: {', '.join(self.settings.models)}")
-        for t in (*request.inputs, *request.outputs):
+        # a parameter's name is in the message's bytes as it is: most requests skip the per-tensor look
+        named = raw is None or any(w in raw for w in _BYPASS_WORDS)
+        for t in (*request.inputs, *request.outputs) if named else ():
             for p in _BYPASS_PARAMS if t.parameters else ():
                 if p in t.parameters:
                     raise InvalidInput(f"tensor {t.name!r} has parameter {p!r}, which is not supported through the "

@@ -254,6 +254,15 @@ def test_malformed_bytes_and_shared_memory_parameters_are_invalid_argument():
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             await stub.ModelInfer(req)
         assert ei.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "shared_memory_region" in ei.value.details()
+        req = x_request()
+        req.outputs.add(name="probs").parameters["classification"].int64_param = 3
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.ModelInfer(req)
+        assert ei.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "'classification'" in ei.value.details()
+        # the words in the data alone (a tensor's bytes) are no parameter: the request is served
+        req = x_request()
+        req.id = "classification shared_memory_region"
+        await stub.ModelInfer(req)
 
     async def garbage(stub, fake):
         call = stub.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
