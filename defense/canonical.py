@@ -43,9 +43,21 @@ def canonical_prompt(prompt: Prompt) -> tuple[bytes, bytes]:
 def context_digest(model: str, prompt: Prompt) -> bytes:
     """32-byte SHA-256 over the model and canonical prompt, length-framed so fields cannot run together."""
     tag, body = canonical_prompt(prompt)
-    name = canonical_text(model).encode()
-    return hashlib.sha256(b"".join((_VERSION, _LEN(len(name)), name, _LEN(len(tag)), tag, _LEN(len(body)),
-                                    body))).digest()
+    head = _HEADS.get((model, tag))
+    if head is None:  # the version, model and form framing: the same for every request of a model
+        if len(_HEADS) >= _HEADS_MAX:
+            _HEADS.clear()
+        name = canonical_text(model).encode()
+        head = _HEADS[(model, tag)] = b"".join((_VERSION, _LEN(len(name)), name, _LEN(len(tag)), tag))
+    if len(body) <= _JOIN_MAX:
+        return hashlib.sha256(head + _LEN(len(body)) + body).digest()
+    h = hashlib.sha256(head)  # a large tensor is hashed where it lies, not copied into one buffer
+    h.update(_LEN(len(body)))
+    h.update(body)
+    return h.digest()
 
 
 _LEN = struct.Struct("<Q").pack
+_HEADS: dict[tuple[str, bytes], bytes] = {}
+_HEADS_MAX = 1024
+_JOIN_MAX = 1 << 16
