@@ -21,6 +21,25 @@ def machine() -> dict[str, str]:
     return {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "date": datetime.now(UTC).strftime("%Y-%m-%d")}
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time process ``pid`` (all its threads) has used, from /proc; None elsewhere.
+
+    Latency on these shared 2-core machines swings with whatever else runs; the CPU a server process
+    spends per request moves far less, so benchmarks report it beside the latencies (a diagnostic: the
+    targets stay on the latencies)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_ms_per_call(before: float | None, after: float | None, calls: int) -> float | None:
+    if before is None or after is None or calls <= 0:
+        return None
+    return round((after - before) * 1e3 / calls, 3)
+
+
 def record(name: str, result: dict, summary: str) -> Path:
     """Write results/NAME.json and append a dated summary line to results.md; returns the JSON path."""
     RESULTS.mkdir(parents=True, exist_ok=True)

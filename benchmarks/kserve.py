@@ -27,11 +27,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import cpu_ms_per_call, cpu_seconds  # noqa: E402
 
 SERVICE = "inference.GRPCInferenceService"
 TARGET_FACTOR = 1.5
@@ -64,7 +67,8 @@ def _percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def measure(targets: dict[str, str], calls: int, in_dim: int) -> dict[str, list[float]]:
+def measure(targets: dict[str, str], calls: int, in_dim: int,
+            warmed: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
     import numpy as np
     import tritonclient.grpc as tc
 
@@ -85,6 +89,7 @@ def measure(targets: dict[str, str], calls: int, in_dim: int) -> dict[str, list[
     for name in targets:  # warm every path (connections, metadata cache, first-use imports)
         for _ in range(100):
             call(name)
+    warmed()
     lat: dict[str, list[float]] = {name: [] for name in targets}
     block = 250
     for _ in range(max(1, calls // block)):
@@ -155,7 +160,11 @@ def main() -> int:
                 targets[name] = line.split("serving on ")[1].split()[0]
 
             load_before = os.getloadavg()[0]
-            lat = measure(targets, args.calls, cfg.in_dim)
+            servers = dict(zip(("passthrough", "proxy", "bare"), procs, strict=True))  # each serves its path only
+            cpu0: dict[str, float | None] = {}
+            lat = measure(targets, args.calls, cfg.in_dim,
+                          warmed=lambda: cpu0.update({n: cpu_seconds(p.pid) for n, p in servers.items()}))
+            cpu = {n: cpu_ms_per_call(cpu0[n], cpu_seconds(p.pid), len(lat[n])) for n, p in servers.items()}
             load = round((load_before + os.getloadavg()[0]) / 2, 2)  # others' work on the 2 cores skews ratios
         finally:
             for p in procs:
@@ -180,6 +189,9 @@ def main() -> int:
         "transport": "tcp loopback", "server": "grpc.aio (both proxies); client: tritonclient grpc sync",
         "triton": "nvidia-pytriton 0.7.0 (tritonserver 2.51), CPU",
         "malloc_env": bool(os.environ.get("MALLOC_MMAP_THRESHOLD_")),
+        # a diagnostic beside the target: the CPU each proxy process spent per call (all threads, deferred
+        # settles included), which moves far less with the machine's load than the latencies do
+        **{f"{n}_cpu_ms_per_call": v for n, v in cpu.items()},
         "load_average_1m": load,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus", "date": datetime.now(UTC).strftime("%Y-%m-%d"),
     })
@@ -188,7 +200,8 @@ def main() -> int:
     summary = (f"ModelInfer p50 direct {d} ms, passthrough proxy {pt} ms, distillguard proxy {px} ms: overhead "
                f"{ours:.3f} ms vs a bare hop's {hop:.3f} ms (x{result['proxy_over_passthrough_overhead']}, "
                f"target <= {TARGET_FACTOR}); with no defense configured {result['bare_p50_ms']} ms; "
-               f"targets {'met' if met else 'MISSED'} (load {load} on {os.cpu_count()} cores)")
+               f"targets {'met' if met else 'MISSED'} (load {load} on {os.cpu_count()} cores); CPU per call: "
+               f"passthrough {cpu['passthrough']} ms, proxy {cpu['proxy']} ms, bare {cpu['bare']} ms")
     print(json.dumps(result, indent=2, sort_keys=True))
     print(summary)
     if args.no_record:
