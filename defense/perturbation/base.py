@@ -64,7 +64,10 @@ def temperature_scale(batch: LogprobBatch) -> float:
 
 
 class LogitShift(ResponseDefense):
-    """A perturbation that moves each returned alternative by ``delta`` in logit space."""
+    """A perturbation that moves each returned alternative by ``delta`` in logit space.
+
+    The chain calls ``apply_counted`` (``apply`` is the same without the count): a subclass changes the
+    shift through ``delta``/``deltas`` and ``_fused_shift``, not by overriding ``apply``."""
 
     keep_argmax: bool = True
 
