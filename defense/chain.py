@@ -261,6 +261,10 @@ class DefenseChain:
         self._admit_metrics = {i: (self._timers[(e.name, "admit")],
                                    {d: self._decisions[(e.name, d.value, e.mode.value)] for d in Decision})
                                for i, e in self.admission}
+        self._settles = {(st, dup): m.settles.labels(st.value, dup) for st in SettleStatus for dup in ("true", "false")}
+        # admission defenses with a settle of their own: a stateless one (the base class's no-op) is skipped
+        self._settling = frozenset(i for i, e in self.admission
+                                   if type(e.defense).settle is not AdmissionDefense.settle)
         self._rewrite_counters: dict[tuple[str, str], Any] = {}
         self._fields_seen: dict[int, tuple[Rewrites, list[str]]] = {}
         self._closed = False
@@ -415,7 +419,7 @@ class DefenseChain:
         now = self.clock.now()
         rec = self.ledger.get(_key(ctx), now)
         if rec is not None and rec.settled:
-            self.metrics.settles.labels(usage.status.value, "true").inc()
+            self._settles[(usage.status, "true")].inc()
             return False
         if rec is not None:
             rec.settled = True
@@ -423,7 +427,7 @@ class DefenseChain:
             targets = rec.admitted_by
         else:  # admitted by another replica or before a restart: stores settle idempotently on request_id
             targets = tuple(i for i, _ in self.admission)
-        self.metrics.settles.labels(usage.status.value, "false").inc()
+        self._settles[(usage.status, "false")].inc()
         self._settle(ctx, usage, targets)
         return True
 
@@ -433,7 +437,10 @@ class DefenseChain:
 
     def _settle(self, ctx: RequestContext, usage: Usage, indices: Sequence[int]) -> None:
         failure: DefenseFailure | None = None
+        settling = self._settling
         for idx in indices:
+            if idx not in settling:
+                continue
             e = self.entries[idx]
             t0 = self.clock.monotonic()
             try:

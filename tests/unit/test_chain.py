@@ -317,3 +317,21 @@ def test_deferred_protect_bookkeeping_counts_the_same_only_later(clock):
     assert len(queued) == 1 and counts(later) == [0.0] * 4
     queued.pop()()
     assert counts(later) == counts(inline) == [8.0, 1.0, 1.0, 1.0]
+
+
+def test_settle_skips_stateless_admission_defenses_and_counts_once(clock, metrics):
+    """A defense without a settle of its own (request rules) is not called or timed at settle; one with it is,
+    and a retried settle is counted as a duplicate."""
+    from defense.rules import RequestRules
+
+    chain = DefenseChain([ChainEntry("rules", RequestRules(), Mode.ENFORCE, OnError.FAIL_OPEN), rec("a")],
+                         metrics=metrics, clock=clock)
+    chain.admit(ctx("s1"))
+    assert chain.settle(ctx("s1"), Usage(completion_tokens=3)) is True
+    assert chain.settle(ctx("s1"), Usage(completion_tokens=3)) is False
+    assert [c for t, c in sd.CALLS if t == "a"] == ["admit top_logprobs=0", "settle ok 3"]
+    seconds = "distillguard_defense_duration_seconds_count"
+    assert sample(metrics, seconds, defense="a", stage="settle") == 1
+    assert not sample(metrics, seconds, defense="rules", stage="settle")
+    assert sample(metrics, "distillguard_settles_total", status="ok", duplicate="false") == 1
+    assert sample(metrics, "distillguard_settles_total", status="ok", duplicate="true") == 1
