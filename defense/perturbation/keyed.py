@@ -70,12 +70,6 @@ class KeyedNoise(LogitShift):
         h = prf.hash_combine(self.seed(ctx.model, ctx.context_digest), rows + batch.position_offset, ids)
         return prf.normal(h) * (self.params.sigma * self.strength(ctx))
 
-    def deltas(self, batch: LogprobBatch, ctx: RequestContext, sampled_ids: np.ndarray) -> np.ndarray:
-        if not kernels.ENABLED:
-            return super().deltas(batch, ctx, sampled_ids)
-        return kernels.keyed_normal(self.seed(ctx.model, ctx.context_digest), batch.position_offset, batch.token_ids,
-                                    batch.values.shape[1], sampled_ids, self.params.sigma * self.strength(ctx))
-
     def _fused_shift(self, batch: LogprobBatch, ctx: RequestContext, sampled_ids: np.ndarray,
                      sampled_values: np.ndarray, scale: float, prob: bool) -> tuple[Any, Any, int]:
         return kernels.keyed_shift(self.seed(ctx.model, ctx.context_digest), batch.position_offset,
