@@ -187,6 +187,11 @@ class Metrics:
             PREFIX + "rpc_duration_seconds", "Sidecar RPC handling time.", ["method", "code"],
             r, buckets=_FAST_BUCKETS,
         )
+        self.upstream_early = FastCounter(
+            PREFIX + "upstream_early_calls_total",
+            "Upstream calls a front started while the request was still being admitted, by result: used (the "
+            "request was admitted) or cancelled (refused, or invalid).", ["front", "result"], r,
+        )
         self.store_errors = FastCounter(
             PREFIX + "state_store_errors_total", "Failed state store operations.", ["backend", "op"], r
         )

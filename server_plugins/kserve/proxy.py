@@ -56,6 +56,10 @@ SHARED_MEMORY_RPCS = frozenset({
 # strings the proxy would not recognize as probabilities (Triton's classification extension)
 _BYPASS_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset", "classification")
 _BYPASS_WORDS = (b"shared_memory_", b"classification")
+# a request whose bytes hold one of these is admitted before it is sent: outputs that could bypass the
+# proxy, and sequence (stateful model) parameters, whose state a refused request must never advance
+_EARLY_BLOCKERS = (*_BYPASS_WORDS, b"sequence_")
+_MAX_TRACKED = 100_000  # clients whose last request was admitted, remembered for early forwarding
 _FINAL = "triton_final_response"
 
 
@@ -93,6 +97,11 @@ class KServeProxy:
         self._id_prefix = f"kserve-{uuid.uuid4().hex[:16]}-"
         self._seq = itertools.count()
         self._ok_infer = m.rpc_duration.labels("kserve.ModelInfer", "OK")  # bound once: a lookup per call costs
+        # early forwarding (settings.early_forward): clients whose last request was admitted, each with its
+        # calls forwarded before admission and not yet answered
+        self._admitted: dict[str, int] = {}
+        self._early_used = m.upstream_early.labels("kserve", "used")
+        self._early_cancelled = m.upstream_early.labels("kserve", "cancelled")
         # settles of answered requests, run on the loop's next turn once the call is over (defense.deferred)
         self.deferred = Deferred()
 
@@ -195,8 +204,53 @@ class KServeProxy:
         return meta
 
     # -- admission ------------------------------------------------------------------------------
+    def _who(self, md: Sequence[tuple[str, Any]]) -> tuple[str, str]:
+        """(client, tenant): the client is the keyed hash of its bearer token, the tenant a header."""
+        rt = self.holder.runtime
+        ident = rt.chain.identity
+        if rt.keys is None:
+            return "anonymous", ident.default_tenant
+        headers = {k: v for k, v in md if isinstance(v, str)}
+        return identify(headers, rt.keys, tenant_header=ident.tenant_header, default_tenant=ident.default_tenant)
+
+    def _forward_early(self, request: Any, raw: bytes, md: Sequence[tuple[str, Any]], client: str,
+                       context: grpc.aio.ServicerContext) -> Any:
+        """Start the upstream call before admission when it is safe to (``settings.early_forward``): the
+        client's last request was admitted, it has fewer early calls in flight than the cap, and Triton
+        would get exactly these bytes after admission. Returns the call, or None."""
+        s = self.settings
+        if not s.early_forward:
+            return None
+        n = self._admitted.get(client)
+        if n is None or n >= s.early_forward_max_in_flight:
+            return None
+        spec = s.models.get(request.model_name)
+        if spec is None or len(raw) > s.max_input_bytes or any(w in raw for w in _EARLY_BLOCKERS):
+            return None
+        returned = spec.returned
+        for o in request.outputs:
+            if o.name not in returned:  # a withheld output: Triton gets a rewritten request
+                return None
+        self._admitted[client] = n + 1
+        return self._calls["ModelInfer"](raw, timeout=self._timeout(context), metadata=self._forward(md))
+
+    def _early_over(self, client: str) -> None:
+        n = self._admitted.get(client)
+        if n:
+            self._admitted[client] = n - 1
+
+    def _remember(self, client: str, admitted: bool) -> None:
+        """Early forwarding is for clients whose last request was admitted."""
+        if not admitted:
+            self._admitted.pop(client, None)
+        elif client not in self._admitted:
+            if len(self._admitted) >= _MAX_TRACKED:
+                self._admitted.clear()
+            self._admitted[client] = 0
+
     async def prepare(self, request: Any, raw: bytes | None, md: Sequence[tuple[str, Any]],
-                      context: grpc.aio.ServicerContext, *, upstream_id: str | None = None) -> Prepared:
+                      context: grpc.aio.ServicerContext, *, upstream_id: str | None = None,
+                      who: tuple[str, str] | None = None) -> Prepared:
         """Check the request, admit it, and build what goes upstream. Raises Refusal or InvalidInput."""
         model = request.model_name
         spec = self.settings.models.get(model)
@@ -223,15 +277,8 @@ class KServeProxy:
             raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
                           f"output(s) {', '.join(withheld)} of model {model!r} are not available through this proxy")
 
-        rt = self.holder.runtime
-        chain = rt.chain
-        headers = {k: v for k, v in md if isinstance(v, str)}
-        ident = chain.identity
-        if rt.keys is not None:
-            client, tenant = identify(headers, rt.keys, tenant_header=ident.tenant_header,
-                                      default_tenant=ident.default_tenant)
-        else:
-            client, tenant = "anonymous", ident.default_tenant
+        chain = self.holder.runtime.chain
+        client, tenant = who if who is not None else self._who(md)
         prompt = Prompt(tensor_bytes=tensors.canonical_request(request, data))
         values, row_values = self._input_values(request, data, batch if spec.batched else 1, chain)
         ctx = RequestContext(
@@ -251,6 +298,7 @@ class KServeProxy:
         if spec.batched and batch > 1:
             rows = [context_digest(model, Prompt(tensor_bytes=b)) for b in tensors.canonical_rows(request, data, batch)]
         adm = chain.admit(ctx)
+        self._remember(client, adm.allowed)
         if not adm.allowed:
             raise refusal(adm, chain)
         if withheld or upstream_id is not None:
@@ -370,13 +418,29 @@ class KServeProxy:
         t0 = time.perf_counter()
         prep: Prepared | None = None
         err: Refusal | None = None
+        early: Any = None
+        who = ("", "")
         try:
             request = pb.ModelInferRequest.FromString(raw)
             md = context.invocation_metadata() or ()
-            prep = await self.prepare(request, raw, md, context)
+            who = self._who(md)
+            early = self._forward_early(request, raw, md, who[0], context)
+            if early is not None:
+                await asyncio.sleep(0)  # the call's task sends the request: Triton works while this one is admitted
             try:
-                call = self._calls["ModelInfer"](prep.upstream, timeout=self._timeout(context),
-                                                 metadata=self._forward(md))
+                prep = await self.prepare(request, raw, md, context, who=who)
+            except BaseException:
+                if early is not None:
+                    early.cancel()
+                    self._early_cancelled.inc()
+                raise
+            try:
+                if early is not None:
+                    self._early_used.inc()
+                    call = early
+                else:
+                    call = self._calls["ModelInfer"](prep.upstream, timeout=self._timeout(context),
+                                                     metadata=self._forward(md))
                 out = await call
             except grpc.aio.AioRpcError as e:
                 self.settle(prep, SettleStatus.UPSTREAM_ERROR)
@@ -400,6 +464,9 @@ class KServeProxy:
             if prep is not None and not prep.settled:
                 self.settle(prep, SettleStatus.UPSTREAM_ERROR)
             err = _as_refusal(e)
+        finally:
+            if early is not None:
+                self._early_over(who[0])
         self._observe("ModelInfer", err.code.name, t0)
         await context.abort(err.code, err.message, trailing_metadata=err.trailers)
         raise AssertionError("unreachable")  # abort raises

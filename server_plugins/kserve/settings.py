@@ -74,6 +74,13 @@ class ProxySettings:
     # gRPC message limit, both directions; a little above max_input_bytes so the clear error above is
     # what a client sees, not gRPC's own RESOURCE_EXHAUSTED (which a client could mistake for a throttle)
     max_message_bytes: int = 32 * 1024 * 1024
+    # forward a request to Triton while it is still being admitted (what Triton gets never depends on the
+    # admission), so the two overlap; the answer is held until the request is admitted, and a refused or
+    # invalid request's upstream call is cancelled. Only for a client whose last request was admitted, at
+    # most early_forward_max_in_flight of its calls at a time, and never for a request that names shared
+    # memory, classification or sequence parameters. false: every request is admitted before it is sent.
+    early_forward: bool = True
+    early_forward_max_in_flight: int = 2
     metadata_ttl_s: float = 60.0  # how long a model's upstream metadata (input and output specs) is cached
     forward_metadata: tuple[str, ...] = ()  # client metadata keys passed to Triton (authorization never is)
     metrics_port: int | None = None  # Prometheus /metrics (the defense chain's families); null: none
@@ -97,6 +104,8 @@ class ProxySettings:
         if self.max_message_bytes <= self.max_input_bytes:
             raise ValueError(f"max_message_bytes ({self.max_message_bytes}) must be larger than max_input_bytes "
                              f"({self.max_input_bytes}): a request carries its tensors plus their descriptions")
+        if not 1 <= self.early_forward_max_in_flight <= 1024:
+            raise ValueError(f"early_forward_max_in_flight must be in 1..1024, got {self.early_forward_max_in_flight}")
         if self.metadata_ttl_s < 0:
             raise ValueError(f"metadata_ttl_s must be >= 0, got {self.metadata_ttl_s}")
         if any(k.lower() == "authorization" for k in self.forward_metadata):

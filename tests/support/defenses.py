@@ -38,6 +38,26 @@ class Recorder(AdmissionDefense):
         CALLS.append((self.params.tag, f"settle {usage.status.value} {usage.completion_tokens}"))
 
 
+SWITCH: dict[str, object] = {"decision": "allow", "block_s": 0.0, "on_admit": None}
+
+
+class Switch(AdmissionDefense):
+    """Decides what ``SWITCH`` says at each admit (tests flip it between calls), after blocking its
+    thread for ``block_s`` and calling ``on_admit`` (to look at what else happened meanwhile)."""
+
+    def admit(self, ctx: RequestContext, cost: Cost) -> Verdict:
+        import time
+
+        time.sleep(float(SWITCH["block_s"]))  # type: ignore[arg-type]
+        if SWITCH["on_admit"] is not None:
+            SWITCH["on_admit"]()  # type: ignore[operator]
+        decision = SWITCH["decision"]
+        CALLS.append(("switch", f"admit {decision}"))
+        if decision == "allow":
+            return ALLOW
+        return Verdict(Decision(decision), reason="switch refuses", reason_code="switch", retry_after_s=1.0)
+
+
 @dataclass(frozen=True, slots=True)
 class ShiftParams:
     tag: str = "s"

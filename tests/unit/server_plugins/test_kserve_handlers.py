@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -294,3 +295,145 @@ def test_targeted_misinformation_reads_each_rows_input_behind_the_proxy(tmp_path
         np.testing.assert_allclose(np.sort(probs[1]), np.sort(PROBS[1]), atol=1e-5)
 
     run([am], body, models={"mlp": {"probabilities": ["probs"], "strip": ["logits"], "batched": True}})
+
+
+class ThreadedTriton(pb_grpc.GRPCInferenceServiceServicer):
+    """A fake Triton on its own threads (a sync gRPC server), so it answers while the proxy's loop is busy."""
+
+    def __init__(self) -> None:
+        self.requests: list[pb.ModelInferRequest] = []
+        self.delay_s = 0.0
+
+    def ModelMetadata(self, request, context):  # noqa: N802
+        meta = pb.ModelMetadataResponse(name=request.name, versions=["1"])
+        meta.inputs.add(name="x", datatype="FP32", shape=[-1, 2])
+        meta.outputs.add(name="probs", datatype="FP32", shape=[-1, 3])
+        meta.outputs.add(name="logits", datatype="FP32", shape=[-1, 3])
+        return meta
+
+    def ModelInfer(self, request, context):  # noqa: N802
+        self.requests.append(request)
+        time.sleep(self.delay_s)
+        resp = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+        resp.outputs.add(name="probs", datatype="FP32", shape=[2, 3])
+        resp.raw_output_contents.append(PROBS.tobytes())
+        return resp
+
+
+def early_forwarding(steps: Callable[..., Any], **settings: Any) -> tuple[ThreadedTriton, Metrics]:
+    """Run ``steps(call, fake)`` against a proxy whose only defense is support.defenses:Switch, in front of a
+    threaded fake Triton; returns the fake and the proxy's metrics."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fake = ThreadedTriton()
+    upstream = grpc.server(ThreadPoolExecutor(4))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(fake, upstream)
+    port = upstream.add_insecure_port("127.0.0.1:0")
+    upstream.start()
+    metrics = Metrics()
+
+    async def main() -> None:
+        loaded = parse_config({"version": 1, "state": {"uri": "memory://"},
+                               "defenses": [{"type": "support.defenses:Switch"}]})
+        holder = RuntimeHolder(build_runtime(loaded=loaded, keys=KeyRing.generate(), metrics=metrics))
+        proxy = KServeProxy(parse_settings({"upstream": f"127.0.0.1:{port}", "models": {
+            "mlp": {"probabilities": ["probs"], "strip": ["logits"], "batched": False}}, **settings}), holder)
+        server = grpc.aio.server()
+        proxy.add_to_server(server)
+        pport = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{pport}") as ch:
+                stub = pb_grpc.GRPCInferenceServiceStub(ch)
+
+                async def call(req: pb.ModelInferRequest | None = None, token: str = "t0k3n") -> pb.ModelInferResponse:
+                    return await stub.ModelInfer(req or x_request(), metadata=(("authorization", f"Bearer {token}"),))
+
+                await steps(call, fake)
+        finally:
+            await server.stop(0)
+            await proxy.close()
+            holder.runtime.chain.close()
+
+    support_defenses.SWITCH.update(decision="allow", block_s=0.0, on_admit=None)
+    try:
+        asyncio.run(main())
+    finally:
+        support_defenses.SWITCH.update(decision="allow", block_s=0.0, on_admit=None)
+        upstream.stop(0)
+    return fake, metrics
+
+
+def _early(metrics: Metrics, result: str) -> float:
+    return metrics.upstream_early.labels("kserve", result).value
+
+
+def test_an_admitted_clients_next_request_reaches_triton_while_it_is_admitted():
+    """Early forwarding overlaps admission with Triton's work, for a client whose last request was admitted;
+    a refused one's answer never leaves the proxy, and the client's next request waits for admission."""
+    seen: list[int] = []
+
+    async def steps(call, fake):
+        support_defenses.SWITCH.update(block_s=0.3, on_admit=lambda: seen.append(len(fake.requests)))
+        await call()  # a client the proxy has not seen admitted: admitted first, then sent
+        assert seen == [0] and len(fake.requests) == 1
+        resp = await call()  # admitted last time: sent at once, received by Triton during the 0.3 s admit
+        assert seen == [0, 2] and resp.outputs[0].name == "probs"
+        await call(token="someone-else")  # another client's history is its own
+        assert seen[-1] == 2 and len(fake.requests) == 3
+        support_defenses.SWITCH["decision"] = "throttle"
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await call()  # forwarded early, refused: the call upstream is cancelled, nothing is answered
+        assert ei.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "switch refuses" in ei.value.details()
+        assert seen[-1] == 4
+        support_defenses.SWITCH["decision"] = "allow"
+        await call()  # refused last time: admitted before it is sent again
+        assert seen[-1] == 4 and len(fake.requests) == 5
+        await call()
+        assert seen[-1] == 6
+
+    fake, metrics = early_forwarding(steps)
+    assert (_early(metrics, "used"), _early(metrics, "cancelled")) == (2, 1)
+
+
+def test_early_forwarding_skips_what_admission_must_see_first_and_can_be_turned_off():
+    async def risky(call, fake):
+        seen: list[int] = []
+        support_defenses.SWITCH.update(block_s=0.2, on_admit=lambda: seen.append(len(fake.requests)))
+        await call()
+        seq = x_request()
+        seq.parameters["sequence_id"].int64_param = 7  # a stateful model's sequence: never advanced early
+        await call(seq)
+        withheld = x_request()
+        withheld.outputs.add(name="logits")  # not returned: Triton gets a rewritten request, after admission
+        withheld.outputs.add(name="probs")
+        await call(withheld)
+        assert seen == [0, 1, 2]
+        support_defenses.SWITCH["decision"] = "deny"
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call(seq)
+        assert len(fake.requests) == 3  # the refused one never reached Triton
+
+    _, metrics = early_forwarding(risky)
+    assert (_early(metrics, "used"), _early(metrics, "cancelled")) == (0, 0)
+
+    async def off(call, fake):
+        seen: list[int] = []
+        support_defenses.SWITCH.update(block_s=0.1, on_admit=lambda: seen.append(len(fake.requests)))
+        for _ in range(3):
+            await call()
+        assert seen == [0, 1, 2]
+
+    _, metrics = early_forwarding(off, early_forward=False)
+    assert _early(metrics, "used") == 0
+
+
+def test_early_calls_in_flight_are_capped_per_client():
+    async def steps(call, fake):
+        await call()  # admitted: the client may go early from now on
+        fake.delay_s = 0.3  # Triton is slow: the four calls are all in flight at once
+        await asyncio.gather(*(call() for _ in range(4)))
+        assert len(fake.requests) == 5
+
+    _, metrics = early_forwarding(steps, early_forward_max_in_flight=2)
+    assert _early(metrics, "used") == 2  # the other two were admitted first
