@@ -337,7 +337,8 @@ def early_forwarding(steps: Callable[..., Any], **settings: Any) -> tuple[Thread
                                "defenses": [{"type": "support.defenses:Switch"}]})
         holder = RuntimeHolder(build_runtime(loaded=loaded, keys=KeyRing.generate(), metrics=metrics))
         proxy = KServeProxy(parse_settings({"upstream": f"127.0.0.1:{port}", "models": {
-            "mlp": {"probabilities": ["probs"], "strip": ["logits"], "batched": False}}, **settings}), holder)
+            "mlp": {"probabilities": ["probs"], "strip": ["logits"], "batched": False}},
+            "early_forward": True, **settings}), holder)
         server = grpc.aio.server()
         proxy.add_to_server(server)
         pport = server.add_insecure_port("127.0.0.1:0")
@@ -394,6 +395,7 @@ def test_an_admitted_clients_next_request_reaches_triton_while_it_is_admitted():
 
     fake, metrics = early_forwarding(steps)
     assert (_early(metrics, "used"), _early(metrics, "cancelled")) == (2, 1)
+    assert parse_settings({"models": {"mlp": {"probabilities": ["probs"]}}}).early_forward is False  # opt-in
 
 
 def test_early_forwarding_skips_what_admission_must_see_first_and_can_be_turned_off():
