@@ -34,13 +34,20 @@ def load_layers(path: str) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def forward(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
-    """x: [B, in_dim] float32 -> logits [B, n_classes] float32 (Linear-ReLU stack, as MLPClassifier)."""
-    h = x.astype(np.float32)
-    for i, (w, b) in enumerate(layers):
-        h = h @ w.T + b
-        if i < len(layers) - 1:
-            h = np.maximum(h, 0.0)
-    return h
+    """x: [B, in_dim] float32 -> logits [B, n_classes] float32 (Linear-ReLU stack, as MLPClassifier).
+
+    Each row alone, accumulated in float64: a float32 matmul's last bits depend on the BLAS kernel, which
+    depends on the batch size (and on threading), so the same input could come back in different bits alone
+    and in a batch; Triton's answer for an input must not depend on its batch companions."""
+    out = []
+    for row in x.astype(np.float64):
+        h = row[None, :]
+        for i, (w, b) in enumerate(layers):
+            h = h @ w.T.astype(np.float64) + b
+            if i < len(layers) - 1:
+                h = np.maximum(h, 0.0)
+        out.append(h[0])
+    return np.stack(out).astype(np.float32)
 
 
 def main() -> int:
