@@ -298,7 +298,8 @@ class KServeProxy:
         if spec.batched and batch > 1:
             rows = [context_digest(model, Prompt(tensor_bytes=b)) for b in tensors.canonical_rows(request, data, batch)]
         adm = chain.admit(ctx)
-        self._remember(client, adm.allowed)
+        if self.settings.early_forward:  # off: nothing to remember per client
+            self._remember(client, adm.allowed)
         if not adm.allowed:
             raise refusal(adm, chain)
         if withheld or upstream_id is not None:
