@@ -60,6 +60,7 @@ _BYPASS_WORDS = (b"shared_memory_", b"classification")
 # proxy, and sequence (stateful model) parameters, whose state a refused request must never advance
 _EARLY_BLOCKERS = (*_BYPASS_WORDS, b"sequence_")
 _MAX_TRACKED = 100_000  # clients whose last request was admitted, remembered for early forwarding
+_MAX_PLANS = 1024  # request structures remembered (each model and batch size makes one)
 _FINAL = "triton_final_response"
 
 
@@ -75,6 +76,43 @@ class Prepared:
     client_id: str = ""  # the id the client gave (streams replace it upstream with a unique one)
     settled: bool = False
     row_values: list[bytes] | None = None  # each batch row's input values, when a defense reads them
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What a request's structure (model, version, inputs' names, datatypes and shapes, outputs asked)
+    decides, once it was checked against the model's metadata: requests alike differ only in their data."""
+
+    meta: tensors.ModelMeta  # the metadata it was checked against (a refreshed one is checked anew)
+    layout: tensors.Layout | None  # None: not reusable (typed contents or BYTES inputs), checked each time
+    batch: int
+    asked: tuple[str, ...]  # outputs the client named
+    asked_set: frozenset[str]
+    withheld: tuple[str, ...]  # named, but not returned by this proxy: not asked of Triton
+    logprobs: bool  # a protected output is returned
+    raw_logits: tuple[str, ...]  # named outputs that are stripped
+    expected: int | None  # probability / logprob values returned (see _expected_values)
+
+
+_DROP, _KEEP, _PROTECT = "drop", "keep", "protect"
+
+
+@dataclass(frozen=True, slots=True)
+class _Out:
+    """What the proxy does with one output of a response (KServeProxy._outputs)."""
+
+    what: str  # _DROP: not returned; _KEEP: returned as it is; _PROTECT: perturbed
+    kind: OutputKind | None = None  # for a float output to protect
+    dtype: str | None = None
+    shape: tuple[int, ...] = ()
+    n: int = 0  # values, by the declared shape
+    nbytes: int = 0  # raw bytes, by the declared shape and datatype
+
+
+def _structure(request: Any) -> tuple[Any, ...]:
+    return (request.model_name, request.model_version,
+            tuple((t.name, t.datatype, tuple(t.shape)) for t in request.inputs),
+            tuple(o.name for o in request.outputs))
 
 
 class KServeProxy:
@@ -104,6 +142,9 @@ class KServeProxy:
         self._early_cancelled = m.upstream_early.labels("kserve", "cancelled")
         # settles of answered requests, run on the loop's next turn once the call is over (defense.deferred)
         self.deferred = Deferred()
+        self._plans: dict[tuple[Any, ...], _Plan] = {}  # by request structure (_structure)
+        self._out_plans: dict[tuple[Any, ...], tuple[ModelSpec, tuple[_Out, ...]]] = {}  # see _outputs
+        self._reads: tuple[DefenseChain | None, bool] = (None, False)  # does the chain read input values
 
     # -- wiring ---------------------------------------------------------------------------------
     def open(self) -> None:
@@ -265,21 +306,24 @@ class KServeProxy:
                     raise InvalidInput(f"tensor {t.name!r} has parameter {p!r}, which is not supported through the "
                                        "distillguard proxy: outputs must come back in the response, as tensors")
         meta = await self.metadata(model, request.model_version, context)
-        data = tensors.input_data(request)
-        batch = tensors.check_inputs(request, data, meta, max_input_bytes=self.settings.max_input_bytes,
-                                     batched=spec.batched)
-        asked = [o.name for o in request.outputs]
-        for name in asked:
-            if name not in meta.outputs:
-                raise InvalidInput(f"model {model!r} has no output {name!r}; outputs: {', '.join(meta.outputs)}")
-        withheld = [n for n in asked if n not in spec.returned]
-        if asked and len(withheld) == len(asked):
-            raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
-                          f"output(s) {', '.join(withheld)} of model {model!r} are not available through this proxy")
+        # a request shaped like one checked before (same model, inputs and outputs asked) is checked by its
+        # data's sizes; any other is checked in full, and its plan kept for the next like it
+        key = None if named else _structure(request)
+        plan = self._plans.get(key) if key is not None else None
+        data = plan.layout.data(request) if plan is not None and plan.meta is meta else None  # type: ignore[union-attr]
+        if data is None:
+            plan, data = self._plan(request, meta, spec)
+            if key is not None and plan.layout is not None:
+                if len(self._plans) >= _MAX_PLANS:
+                    self._plans.clear()
+                self._plans[key] = plan
+        batch = plan.batch
 
         chain = self.holder.runtime.chain
         client, tenant = who if who is not None else self._who(md)
-        prompt = Prompt(tensor_bytes=tensors.canonical_request(request, data))
+        layout = plan.layout
+        prompt = Prompt(tensor_bytes=layout.canonical(data) if layout is not None
+                        else tensors.canonical_request(request, data))
         values, row_values = self._input_values(request, data, batch if spec.batched else 1, chain)
         ctx = RequestContext(
             # never the client's own id: a reused id would hit the chain's idempotency ledger and be
@@ -288,25 +332,26 @@ class KServeProxy:
             api=Api.KSERVE_V2, prompt=prompt, private_id=True,  # settled by this proxy only, once (Prepared.settled)
             context_digest=context_digest(model, prompt),  # the chain would derive it, at the cost of a copy
             max_tokens=0,  # nothing is generated: a classifier reserves no completion tokens
-            logprobs=bool(spec.protected & (set(asked) if asked else set(meta.outputs))),
-            raw_logits_outputs=tuple(n for n in asked if n in spec.strip),
+            logprobs=plan.logprobs,
+            raw_logits_outputs=plan.raw_logits,
             received_at=self.clock.now(),
             input_values=values,
-            output_values=_expected_values(spec, meta, asked, batch),
+            output_values=plan.expected,
         )
         rows = None  # computed before admission: nothing after it may fail and leave a reservation held
         if spec.batched and batch > 1:
-            rows = [context_digest(model, Prompt(tensor_bytes=b)) for b in tensors.canonical_rows(request, data, batch)]
+            canon = layout.rows(data) if layout is not None else tensors.canonical_rows(request, data, batch)
+            rows = [context_digest(model, Prompt(tensor_bytes=b)) for b in canon]
         adm = chain.admit(ctx)
         if self.settings.early_forward:  # off: nothing to remember per client
             self._remember(client, adm.allowed)
         if not adm.allowed:
             raise refusal(adm, chain)
-        if withheld or upstream_id is not None:
+        if plan.withheld or upstream_id is not None:
             # Triton need not compute what is never returned; a stream's requests get unique ids upstream
             up = pb.ModelInferRequest()
             up.CopyFrom(request)
-            if withheld:
+            if plan.withheld:
                 keep = [o for o in request.outputs if o.name in spec.returned]
                 del up.outputs[:]
                 up.outputs.extend(keep)
@@ -315,17 +360,40 @@ class KServeProxy:
             upstream = up.SerializeToString()
         else:
             upstream = raw if raw is not None else request.SerializeToString()
-        return Prepared(adm, spec, upstream, rows, frozenset(asked),
+        return Prepared(adm, spec, upstream, rows, plan.asked_set,
                         client_id=request.id, row_values=row_values if rows is not None else None)
 
-    @staticmethod
-    def _input_values(request: Any, data: Sequence[bytes], batch: int,
+    def _plan(self, request: Any, meta: tensors.ModelMeta, spec: ModelSpec) -> tuple[_Plan, list[bytes]]:
+        """Check a request in full against the model's metadata and the proxy config (raises InvalidInput or
+        Refusal); returns what its structure decides, and its inputs' bytes."""
+        model = request.model_name
+        data = tensors.input_data(request)
+        batch = tensors.check_inputs(request, data, meta, max_input_bytes=self.settings.max_input_bytes,
+                                     batched=spec.batched)
+        asked = tuple(o.name for o in request.outputs)
+        for name in asked:
+            if name not in meta.outputs:
+                raise InvalidInput(f"model {model!r} has no output {name!r}; outputs: {', '.join(meta.outputs)}")
+        withheld = tuple(n for n in asked if n not in spec.returned)
+        if asked and len(withheld) == len(asked):
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
+                          f"output(s) {', '.join(withheld)} of model {model!r} are not available through this proxy")
+        return _Plan(meta, tensors.Layout.of(request, batch), batch, asked, frozenset(asked), withheld,
+                     logprobs=bool(spec.protected & (set(asked) if asked else set(meta.outputs))),
+                     raw_logits=tuple(n for n in asked if n in spec.strip),
+                     expected=_expected_values(spec, meta, asked, batch)), data
+
+    def _input_values(self, request: Any, data: Sequence[bytes], batch: int,
                       chain: DefenseChain) -> tuple[bytes | None, list[bytes] | None]:
         """The input as float32 bytes (and per batch row) for a model with one floating-point input, when a
         response defense reads it (the targeted defense's OOD detector or classifier proxy); else None."""
         if len(data) != 1 or request.inputs[0].datatype not in tensors.FLOAT_TYPES:
             return None, None
-        if not any(getattr(e.defense, "reads_input_values", False) for _, e in chain.response):
+        reads = self._reads
+        if reads[0] is not chain:  # once per chain (a reload brings a new one)
+            reads = self._reads = (chain, any(getattr(e.defense, "reads_input_values", False)
+                                              for _, e in chain.response))
+        if not reads[1]:
             return None, None
         dtype = tensors.DTYPES[request.inputs[0].datatype].numpy
         x = np.frombuffer(data[0], dtype=dtype).astype("<f4")
@@ -368,51 +436,89 @@ class KServeProxy:
             ids = np.broadcast_to(self._class_ids(values.shape[1]), values.shape)
         return chain.protect(LogprobBatch(values=values, token_ids=ids, kind=kind), ctx).batch.values
 
+    def _outputs(self, response: Any, prep: Prepared, raw: bool) -> tuple[_Out, ...]:
+        """What to do with each output of a response, by its outputs' names, datatypes and shapes (cached)."""
+        spec = prep.spec
+        key = (id(spec), prep.asked, raw, tuple((o.name, o.datatype, tuple(o.shape)) for o in response.outputs))
+        hit = self._out_plans.get(key)
+        if hit is not None and hit[0] is spec:
+            return hit[1]
+        plan = []
+        for out in response.outputs:
+            name = out.name
+            if name not in spec.returned or (prep.asked and name not in prep.asked):
+                plan.append(_Out(_DROP))
+                continue
+            if name not in spec.protected:
+                plan.append(_Out(_KEEP))
+                continue
+            shape = tuple(out.shape)
+            n = tensors.n_elements(shape)
+            dt = tensors.DTYPES.get(out.datatype)
+            if out.datatype not in tensors.FLOAT_TYPES or dt is None:
+                plan.append(_Out(_PROTECT, n=n))  # not a float: _protect_one says why
+                continue
+            kind = OutputKind.PROBABILITIES if name in spec.probabilities else OutputKind.TOP_LOGPROBS
+            plan.append(_Out(_PROTECT, kind, dt.numpy, shape, n, n * dt.itemsize))
+        if len(self._out_plans) >= _MAX_PLANS:
+            self._out_plans.clear()
+        self._out_plans[key] = (spec, out_plan := tuple(plan))
+        return out_plan
+
     def protect_response(self, response: Any, prep: Prepared, *, where: str) -> int:
         """Perturb declared outputs and drop the rest, in place; returns the number of values returned."""
-        spec = prep.spec
         chain = self.holder.runtime.chain
         perturb = bool(chain.response)  # no response defense configured: strip only, decode nothing
         n_out = len(response.outputs)
         raw = len(response.raw_output_contents) == n_out and n_out > 0
         drop: list[int] = []
         returned = 0
-        for i, out in enumerate(response.outputs):
-            if out.name not in spec.returned or (prep.asked and out.name not in prep.asked):
+        for i, act in enumerate(self._outputs(response, prep, raw)):
+            if act.what is _PROTECT:
+                if not perturb:
+                    returned += act.n
+                    continue
+                data = response.raw_output_contents[i] if raw else None
+                if act.kind is not None and data is not None and len(data) == act.nbytes:
+                    arr = np.frombuffer(data, dtype=act.dtype).reshape(act.shape)  # type: ignore[arg-type]
+                else:  # typed contents, or something to refuse: in full, with its error message
+                    out = response.outputs[i]
+                    arr = tensors.output_array(out, data, f"output {out.name!r} of model {response.model_name!r} "
+                                                          f"({where})")
+                returned += self._protect_one(response, i, arr, act, prep, chain, raw, where)
+            elif act.what is _DROP:
                 drop.append(i)
-                continue
-            if out.name not in spec.protected:
-                continue
-            if not perturb:
-                returned += tensors.n_elements(out.shape)
-                continue
-            label = f"output {out.name!r} of model {response.model_name!r} ({where})"
-            arr = tensors.output_array(out, response.raw_output_contents[i] if raw else None, label)
-            if arr.ndim < (2 if spec.batched else 1):
-                raise InvalidInput(f"{label} has shape {list(arr.shape)}: a probability or logprob output needs "
-                                   f"[{'batch, ' if spec.batched else ''}..., classes]")
-            kind = OutputKind.PROBABILITIES if out.name in spec.probabilities else OutputKind.TOP_LOGPROBS
-            work = arr.astype(np.float32)
-            if arr.dtype == np.float16 and kind is OutputKind.PROBABILITIES:
-                work = work / work.sum(axis=-1, keepdims=True)  # fp16 rounding can leave a sum 1e-3 off one
-            classes = work.shape[-1]
-            if prep.row_digests is None:
-                new = self._protect(work.reshape(-1, classes), kind, prep.adm.ctx, chain).reshape(work.shape)
-            else:
-                # one chain call per batch row: each row's noise is keyed by that row's own input bytes, so
-                # the same input gets the same answer alone or in any batch (the loop is over rows, not values)
-                new = np.empty_like(work)
-                for b, digest in enumerate(prep.row_digests):
-                    ctx = evolve(prep.adm.ctx, context_digest=digest,
-                                 input_values=prep.row_values[b] if prep.row_values else None)
-                    new[b] = self._protect(work[b].reshape(-1, classes), kind, ctx, chain).reshape(work.shape[1:])
-            tensors.set_output(response, i, new, raw=raw)
-            returned += int(new.size)
         for i in reversed(drop):
             del response.outputs[i]
             if raw:
                 del response.raw_output_contents[i]
         return returned
+
+    def _protect_one(self, response: Any, i: int, arr: np.ndarray, act: _Out, prep: Prepared, chain: DefenseChain,
+                     raw: bool, where: str) -> int:
+        spec = prep.spec
+        if arr.ndim < (2 if spec.batched else 1):
+            out = response.outputs[i]
+            raise InvalidInput(f"output {out.name!r} of model {response.model_name!r} ({where}) has shape "
+                               f"{list(arr.shape)}: a probability or logprob output needs "
+                               f"[{'batch, ' if spec.batched else ''}..., classes]")
+        kind = act.kind or OutputKind.TOP_LOGPROBS  # a kind is known for every float output
+        work = arr.astype(np.float32)
+        if arr.dtype == np.float16 and kind is OutputKind.PROBABILITIES:
+            work = work / work.sum(axis=-1, keepdims=True)  # fp16 rounding can leave a sum 1e-3 off one
+        classes = work.shape[-1]
+        if prep.row_digests is None:
+            new = self._protect(work.reshape(-1, classes), kind, prep.adm.ctx, chain).reshape(work.shape)
+        else:
+            # one chain call per batch row: each row's noise is keyed by that row's own input bytes, so
+            # the same input gets the same answer alone or in any batch (the loop is over rows, not values)
+            new = np.empty_like(work)
+            for b, digest in enumerate(prep.row_digests):
+                ctx = evolve(prep.adm.ctx, context_digest=digest,
+                             input_values=prep.row_values[b] if prep.row_values else None)
+                new[b] = self._protect(work[b].reshape(-1, classes), kind, ctx, chain).reshape(work.shape[1:])
+        tensors.set_output(response, i, new, raw=raw)
+        return int(new.size)
 
     # -- ModelInfer -----------------------------------------------------------------------------
     async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:

@@ -178,13 +178,23 @@ def check_inputs(request: Any, data: Sequence[bytes], meta: ModelMeta, *, max_in
     return batch if batched and batch is not None else 1
 
 
+def frame_head(name: str, datatype: str, shape: Sequence[int], nbytes: int) -> bytes:
+    """What precedes a tensor's data in its canonical frame: name, datatype and shape, each length-framed,
+    then the data's length."""
+    out = bytearray()
+    for field in (name.encode(), datatype.encode(), struct.pack(f"<{len(shape)}q", *shape)):
+        out += struct.pack("<Q", len(field))
+        out += field
+    out += struct.pack("<Q", nbytes)
+    return bytes(out)
+
+
 def _frame(parts: Sequence[tuple[str, str, Sequence[int], bytes]]) -> bytes:
     """Inputs sorted by name, each field length-framed, so no two different requests share bytes."""
     out = bytearray()
     for name, datatype, shape, data in sorted(parts, key=lambda p: p[0]):
-        for field in (name.encode(), datatype.encode(), struct.pack(f"<{len(shape)}q", *shape), data):
-            out += struct.pack("<Q", len(field))
-            out += field
+        out += frame_head(name, datatype, shape, len(data))
+        out += data
     return bytes(out)
 
 
@@ -237,3 +247,60 @@ def set_output(response: Any, index: int, values: np.ndarray, *, raw: bool) -> N
         field = getattr(out.contents, dt.contents)  # type: ignore[arg-type]
         del field[:]
         field.extend(arr.ravel().tolist())
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The inputs of a request that passed ``check_inputs``, as far as they do not depend on the data: each
+    input's byte count and canonical frame head. Requests with the same inputs (names, datatypes, shapes)
+    in raw form share a layout, and checking one of them is checking that its data has these sizes."""
+
+    sizes: tuple[int, ...]  # each input's byte count, in request order
+    order: tuple[int, ...]  # input indices in canonical (name) order
+    heads: tuple[bytes, ...]  # each input's frame head, in canonical order
+    row_heads: tuple[bytes, ...]  # the same for one batch row (shape [1, ...])
+    batch: int
+
+    @classmethod
+    def of(cls, request: Any, batch: int) -> Layout | None:
+        """The layout of a checked request in raw form; None for a form it does not cover (typed contents,
+        BYTES tensors, whose sizes depend on the data)."""
+        if len(request.raw_input_contents) != len(request.inputs):
+            return None
+        sizes, specs = [], []
+        for t in request.inputs:
+            itemsize = DTYPES[t.datatype].itemsize
+            if not itemsize:
+                return None
+            shape = tuple(t.shape)
+            sizes.append(n_elements(shape) * itemsize)
+            specs.append((t.name, t.datatype, shape))
+        order = tuple(sorted(range(len(specs)), key=lambda i: specs[i][0]))
+        heads = tuple(frame_head(*specs[i], sizes[i]) for i in order)
+        rows = tuple(frame_head(specs[i][0], specs[i][1], (1, *specs[i][2][1:]), sizes[i] // max(batch, 1))
+                     for i in order) if batch > 1 else ()
+        return cls(tuple(sizes), order, heads, rows, batch)
+
+    def data(self, request: Any) -> list[bytes] | None:
+        """The request's input bytes when they have this layout's sizes; None otherwise (check it in full)."""
+        raw = request.raw_input_contents
+        sizes = self.sizes
+        if len(raw) != len(sizes):
+            return None
+        data = list(raw)
+        for d, n in zip(data, sizes, strict=True):
+            if len(d) != n:
+                return None
+        return data
+
+    def canonical(self, data: Sequence[bytes]) -> bytes:
+        """What ``canonical_request`` gives for these inputs."""
+        if len(data) == 1:
+            return self.heads[0] + data[0]
+        return b"".join(x for i, h in zip(self.order, self.heads, strict=True) for x in (h, data[i]))
+
+    def rows(self, data: Sequence[bytes]) -> list[bytes]:
+        """What ``canonical_rows`` gives for these inputs."""
+        steps = [self.sizes[i] // self.batch for i in self.order]
+        return [b"".join(x for i, h, s in zip(self.order, self.row_heads, steps, strict=True)
+                         for x in (h, data[i][r * s:(r + 1) * s])) for r in range(self.batch)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,7 @@ class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):
         self.requests: list[pb.ModelInferRequest] = []
         self.fail: grpc.StatusCode | None = None
         self.respond: Callable[[pb.ModelInferRequest], pb.ModelInferResponse] = self.default
+        self.drop_output = ""  # an output the model's metadata leaves out
 
     @staticmethod
     def default(req: pb.ModelInferRequest) -> pb.ModelInferResponse:
@@ -45,7 +47,8 @@ class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):
         meta = pb.ModelMetadataResponse(name=request.name, versions=["1"])
         meta.inputs.add(name="x", datatype="FP32", shape=[-1, 2])
         for name, dtype in (("probs", "FP32"), ("logits", "FP32"), ("half", "FP16"), ("extra", "INT32")):
-            meta.outputs.add(name=name, datatype=dtype, shape=[-1, -1])
+            if name != self.drop_output:
+                meta.outputs.add(name=name, datatype=dtype, shape=[-1, -1])
         return meta
 
     async def ModelInfer(self, request, context):  # noqa: N802
@@ -236,6 +239,38 @@ def test_a_response_that_does_not_fit_the_config_is_internal_and_settled():
 
     run([RECORDER, NOISE], body)
     assert ("rec", "settle upstream_error 0") in support_defenses.CALLS
+
+
+def test_requests_alike_are_checked_by_their_sizes_and_answered_the_same():
+    """The second request of a structure reuses the first one's checks (a plan): it gets the same noise as
+    the first, a bad size after it is still refused with the full reason, and so is an output Triton no
+    longer has once the metadata is refreshed."""
+    async def body(stub, fake):
+        first = await stub.ModelInfer(x_request(), metadata=BEARER)
+        again = await stub.ModelInfer(x_request(), metadata=BEARER)
+        assert first.raw_output_contents[0] == again.raw_output_contents[0]
+        short = x_request()
+        short.raw_input_contents[0] = short.raw_input_contents[0][:-4]
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.ModelInfer(short, metadata=BEARER)
+        assert ei.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "carries 12 bytes, but shape [2, 2] of FP32 needs 16" in ei.value.details()
+        ask = x_request()
+        ask.outputs.add(name="extra")
+        ask.outputs.add(name="probs")
+        await stub.ModelInfer(ask, metadata=BEARER)
+        fake.drop_output = "extra"  # Triton's model changed: its next metadata lacks the output
+        await asyncio.sleep(0.06)  # past metadata_ttl_s
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.ModelInfer(ask, metadata=BEARER)
+        assert ei.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "has no output 'extra'" in ei.value.details()
+
+    def short_ttl(proxy):
+        proxy.settings = dataclasses.replace(proxy.settings, metadata_ttl_s=0.05)
+
+    run([RECORDER, NOISE], body, setup=short_ttl,
+        models={"mlp": {"probabilities": ["probs"], "passthrough": ["extra"], "batched": False}})
+    assert [c for _, c in support_defenses.CALLS].count("settle ok 0") == 3  # the refused ones never admitted
 
 
 def test_a_non_float_probability_output_is_a_config_error():

@@ -116,3 +116,29 @@ def test_output_decode_and_encode_keep_dtype_shape_and_form():
     label = pb.ModelInferResponse().outputs.add(name="label", datatype="INT64", shape=[1])
     with pytest.raises(InvalidInput, match="must be one of FP16, FP32, FP64"):
         tensors.output_array(label, b"\0" * 8, "label")
+
+
+def test_a_layout_frames_like_the_full_canonical_bytes():
+    """A Layout (what a checked request's structure fixes) gives the same canonical bytes, whole and per
+    row, as framing the request from scratch; inputs arrive out of name order on purpose."""
+    rng = np.random.default_rng(1)
+    req = pb.ModelInferRequest(model_name="mlp")
+    arrays = {"z": rng.normal(size=(3, 2)).astype(np.float32), "a": rng.integers(0, 9, (3, 5)).astype(np.int64),
+              "m": rng.normal(size=(3, 1, 2)).astype(np.float16)}
+    for (name, arr), dtype in zip(arrays.items(), ("FP32", "INT64", "FP16"), strict=True):
+        req.inputs.add(name=name, datatype=dtype, shape=list(arr.shape))
+        req.raw_input_contents.append(arr.tobytes())
+    layout = tensors.Layout.of(req, 3)
+    data = layout.data(req)
+    assert data == tensors.input_data(req)
+    assert layout.canonical(data) == tensors.canonical_request(req, data)
+    assert layout.rows(data) == tensors.canonical_rows(req, data, 3)
+    single = request(np.ones((2, 4), np.float32))
+    one = tensors.Layout.of(single, 2)
+    assert one.canonical(one.data(single)) == tensors.canonical_request(single, tensors.input_data(single))
+    # data of another size does not fit: the request is checked in full (and refused there)
+    single.raw_input_contents[0] = b"\0" * 4
+    assert one.data(single) is None
+    # forms whose sizes depend on the data, or on typed contents, have no layout
+    assert tensors.Layout.of(request(np.ones((1, 4), np.float32), strings=[b"a"]), 1) is None
+    assert tensors.Layout.of(request(np.ones((1, 4), np.float32), raw=False), 1) is None
