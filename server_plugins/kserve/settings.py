@@ -76,12 +76,13 @@ class ProxySettings:
     max_message_bytes: int = 32 * 1024 * 1024
     # forward a request to Triton while it is still being admitted (what Triton gets never depends on the
     # admission), so the two overlap; the answer is held until the request is admitted, and a refused or
-    # invalid request's upstream call is cancelled. Only for a client whose last request was admitted, at
-    # most early_forward_max_in_flight of its calls at a time, and never for a request that names shared
-    # memory, classification or sequence parameters. Off by default for now: the last-bit differences first seen
-    # with it on came from the example model's float32 matmul (batch-size dependent, fixed in
-    # mlp_triton.forward), and turning it on by default waits for a clean CI run.
-    early_forward: bool = False
+    # invalid request's upstream call is cancelled (its answer is never returned, though Triton may have
+    # computed it). Only for a client whose last request was admitted, at most early_forward_max_in_flight
+    # of its calls at a time, and never for a request that names shared memory, classification or sequence
+    # parameters (a stateful model's state must not advance for a refused request). So a client that is
+    # throttled costs Triton at most that many computations before its requests wait for admission again.
+    # false: every request is admitted before Triton sees it.
+    early_forward: bool = True
     early_forward_max_in_flight: int = 2
     metadata_ttl_s: float = 60.0  # how long a model's upstream metadata (input and output specs) is cached
     forward_metadata: tuple[str, ...] = ()  # client metadata keys passed to Triton (authorization never is)

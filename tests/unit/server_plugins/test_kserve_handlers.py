@@ -430,7 +430,7 @@ def test_an_admitted_clients_next_request_reaches_triton_while_it_is_admitted():
 
     fake, metrics = early_forwarding(steps)
     assert (_early(metrics, "used"), _early(metrics, "cancelled")) == (2, 1)
-    assert parse_settings({"models": {"mlp": {"probabilities": ["probs"]}}}).early_forward is False  # opt-in
+    assert parse_settings({"models": {"mlp": {"probabilities": ["probs"]}}}).early_forward is True  # the default
 
 
 def test_early_forwarding_skips_what_admission_must_see_first_and_can_be_turned_off():
