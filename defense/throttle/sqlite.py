@@ -370,14 +370,13 @@ class SqliteStore(SharedStore):
             if now >= self._next_maint:
                 self._maintain(now)
             rec = self._res.get(rkey)
-            h = _marker(rkey)
             gen = int(now // dedup_s)
             local: list[tuple[Bucket, float, float]] = []  # (bucket, amount, tag) back into this process's leases
             charges: list[tuple[Bucket, float]] = []  # forced onto the file (used more than leased here)
             if rec is not None and gen == self._gen:
-                done = self._settle_known(rec, h, gen, actuals, now)
+                done = self._settle_known(rec, rkey, gen, actuals, now)
                 if done is None and self._lease_overshoot(rec, actuals, now):
-                    done = self._settle_known(rec, h, gen, actuals, now)  # the new lease absorbs it
+                    done = self._settle_known(rec, rkey, gen, actuals, now)  # the new lease absorbs it
                 if done is not None:
                     del self._res[rkey]
                     if not done:
@@ -388,7 +387,7 @@ class SqliteStore(SharedStore):
                 if gen != self._gen:
                     self._rotate(c, gen)
                 # a private id is settled here only, once: no marker for other processes to find
-                first = (rec is not None and rec[6]) or c.execute(_MARKS[gen % 2], (h, h)).rowcount == 1
+                first = (rec is not None and rec[6]) or c.execute(_MARKS[gen % 2], (h := _marker(rkey), h)).rowcount == 1
                 if rec is not None:
                     for b, tag in zip(rec[1], rec[5], strict=True):
                         r = rec[2][b.unit]
@@ -423,14 +422,14 @@ class SqliteStore(SharedStore):
                 self.event("settle_unknown")
             return first
 
-    def _settle_known(self, rec: list, h: int, gen: int, actuals: Sequence[int], now: float) -> bool | None:
+    def _settle_known(self, rec: list, rkey: str, gen: int, actuals: Sequence[int], now: float) -> bool | None:
         """The usual settle: this process holds the reservation and its leases absorb the difference, so the
         file needs only the settled marker, one autocommit statement (a transaction of its own) instead of
         BEGIN, INSERT and COMMIT, and a private id (minted and settled by this process only) not even that.
         None: some usage must be charged to the file; the caller's transaction does."""
         charges: list[tuple[Bucket, float]] = []
         local = [(b, rec[2][b.unit] - actuals[b.unit], tag) for b, tag in zip(rec[1], rec[5], strict=True)
-                 if rec[2][b.unit] or actuals[b.unit]]
+                 if rec[2][b.unit] != actuals[b.unit]]  # used as reserved: nothing moves
         local = self._fit(local, charges, now)
         if charges:
             return None
@@ -440,6 +439,7 @@ class SqliteStore(SharedStore):
             first = True
         else:
             try:
+                h = _marker(rkey)
                 first = self._conn.execute(_MARKS[gen % 2], (h, h)).rowcount == 1
             except sqlite3.Error as e:
                 raise StoreError(f"sqlite: {e}") from e
