@@ -82,10 +82,25 @@ class Admission:
     shadow: bool = False  # a shadow-mode defense would have refused
     decided_by: str = ""
     steps: tuple[Step, ...] = ()
+    # for a private id (RequestContext.private_id) only, which the ledger does not keep: what its settle
+    # needs, carried by the admission instead (DefenseChain.settle)
+    ticket: Ticket | None = field(default=None, repr=False, compare=False)
 
     @property
     def allowed(self) -> bool:
         return not self.decision.refuses
+
+
+class Ticket:
+    """A private id's admission as its settle needs it: the chain that admitted it, the admission defenses
+    that answered, and whether it was settled (a second settle is a retry, charged once)."""
+
+    __slots__ = ("chain", "admitted_by", "settled")
+
+    def __init__(self, chain: DefenseChain, admitted_by: tuple[int, ...]) -> None:
+        self.chain = chain
+        self.admitted_by = admitted_by
+        self.settled = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,9 +339,10 @@ class DefenseChain:
         """Run admission defenses in order; the first enforced refusal decides. Idempotent on request_id."""
         now = self.clock.now()
         key = _key(ctx)
-        rec = self.ledger.get(key, now)
-        if rec is not None:
-            return rec.admission
+        if not ctx.private_id:  # a private id is new by construction: no retry can bring it again
+            rec = self.ledger.get(key, now)
+            if rec is not None:
+                return rec.admission
         ctx = self.prepare(ctx)
         m = self.metrics
         steps: list[Step] = []
@@ -389,7 +405,8 @@ class DefenseChain:
             ctx = evolve(ctx, strength=strength) if strength != ctx.strength else ctx
             fields = (Decision.ALLOW if rewrites.empty else Decision.ALLOW_MODIFIED, "", "", 0.0,
                       reservation or _reservation_id(ctx), rewrites, shadow, "", tuple(steps))
-        result = Admission(fields[0], ctx, *fields[1:])
+        result = Admission(fields[0], ctx, *fields[1:]) if not ctx.private_id else \
+            Admission(fields[0], ctx, *fields[1:], ticket=Ticket(self, tuple(admitted)))
         if self.bookkeeping is None:
             self._book(key, ctx, fields, admitted, now)
         else:
@@ -411,11 +428,30 @@ class DefenseChain:
                 for fname in self._changed_fields(rw):
                     self._rewrite_counter(entries[idx].name, fname).inc()
         self._requests[(fields[0], fields[6])].inc()
-        self.ledger.put(key, _Record(_slim(ctx), fields, now + self.ledger.ttl_s, tuple(admitted),
-                                     settled=fields[0].refuses))
+        if not ctx.private_id:  # a private id is settled by its front with the Admission in hand
+            self.ledger.put(key, _Record(_slim(ctx), fields, now + self.ledger.ttl_s, tuple(admitted),
+                                         settled=fields[0].refuses))
 
-    def settle(self, ctx: RequestContext, usage: Usage) -> bool:
-        """Charge actual usage to every admission defense. Returns False for a retry (charged once)."""
+    def settle(self, ctx: RequestContext, usage: Usage, admission: Admission | None = None) -> bool:
+        """Charge actual usage to every admission defense. Returns False for a retry (charged once).
+
+        A private id (``RequestContext.private_id``) is not in the ledger (nothing can retry its Admit, and
+        100k remembered requests cost memory and the collector's time): its front passes the ``admission``
+        Admit returned, which carries what the settle needs."""
+        if ctx.private_id:
+            t = admission.ticket if admission is not None else None
+            if t is None:
+                raise ValueError(f"request {ctx.request_id!r} has a private id: settle it with the Admission "
+                                 "that Admit returned")
+            if t.settled or admission.decision.refuses:  # type: ignore[union-attr] - a refusal was released at Admit
+                self._settles[(usage.status, "true")].inc()
+                return False
+            t.settled = True
+            self._settles[(usage.status, "false")].inc()
+            # admitted before a reload: every admission defense of this chain settles it (as an unknown id)
+            self._settle(admission.ctx, usage,  # type: ignore[union-attr]
+                         t.admitted_by if t.chain is self else tuple(i for i, _ in self.admission))
+            return True
         now = self.clock.now()
         rec = self.ledger.get(_key(ctx), now)
         if rec is not None and rec.settled:

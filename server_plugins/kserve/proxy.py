@@ -417,7 +417,7 @@ class KServeProxy:
         usage = Usage(prompt_tokens=chain.estimate(prep.adm.ctx).prompt_tokens if status is SettleStatus.OK else 0,
                       logprob_values=values, status=status)
         try:
-            chain.settle(prep.adm.ctx, usage)
+            chain.settle(prep.adm.ctx, usage, prep.adm)
         except DefenseFailure as e:  # the answer is already decided; the chain counted the failure
             log.warning("settle failed for %s: %s", prep.adm.ctx.request_id, e)
 

@@ -418,6 +418,6 @@ class Exchange:
             status = SettleStatus.OK
         self.settled = True
         try:
-            self.rt.chain.settle(self.adm.ctx, self.usage(status))
+            self.rt.chain.settle(self.adm.ctx, self.usage(status), self.adm)
         except Exception as e:  # noqa: BLE001 - a failed settle is logged; the reservation expires on its own
             log.warning("settle of %s failed: %s: %s", self.request_id, type(e).__name__, e)

@@ -81,16 +81,21 @@ def test_retry_admit_and_settle_are_idempotent(make):
 
 
 def test_a_private_id_is_settled_once_through_the_chain(make, tmp_path):
-    """An in-process front's id (private_id) leaves no marker in a sqlite store; a retried settle is still
-    charged once, caught by the chain's ledger."""
+    """An in-process front's id (private_id) leaves no marker in a sqlite store and no record in the chain's
+    ledger; it is settled with its Admission, and a retried settle is still charged once."""
     import sqlite3
 
     ch = make(uri=f"sqlite:///{tmp_path}/s.db")
     budget: Budget = ch.entries[0].defense
+    adms = {}
     for rid in ("p1", "p2"):
-        assert ch.admit(ctx(rid, private_id=True)).allowed
-        assert ch.settle(ctx(rid), Usage(prompt_tokens=10, completion_tokens=5)) is True
-    assert ch.settle(ctx("p1"), Usage(prompt_tokens=10, completion_tokens=5)) is False
+        adm = adms[rid] = ch.admit(ctx(rid, private_id=True))
+        assert adm.allowed
+        assert ch.settle(adm.ctx, Usage(prompt_tokens=10, completion_tokens=5), adm) is True
+    assert ch.settle(adms["p1"].ctx, Usage(prompt_tokens=10, completion_tokens=5), adms["p1"]) is False
+    with pytest.raises(ValueError, match="settle it with the Admission"):
+        ch.settle(adms["p1"].ctx, Usage(prompt_tokens=10, completion_tokens=5))
+    assert not ch.ledger.records
     used = {lim.name: lim.used for lim in budget.budget_status("c_a").limits}
     assert used["rpm"] == 2 and used["tpm"] == 30
     with sqlite3.connect(tmp_path / "s.db") as c:
