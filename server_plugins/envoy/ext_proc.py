@@ -84,9 +84,12 @@ _OVERWRITE = b"\x18\x02"  # append_action (field 3, varint) = OVERWRITE_IF_EXIST
 _CLEAR_BODY = b"\x10\x01"  # clear_body (field 2, varint) = true
 
 
+_SHORT = [bytes((n,)) for n in range(0x80)]  # the one-byte varints
+
+
 def _varint(n: int) -> bytes:
     if n < 0x80:
-        return bytes((n,))
+        return _SHORT[n]
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -97,12 +100,20 @@ def _varint(n: int) -> bytes:
 
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited field (number < 16: a one-byte tag)."""
-    return bytes((number << 3 | 2,)) + _varint(len(payload)) + payload
+    return _SHORT[number << 3 | 2] + _varint(len(payload)) + payload
+
+
+def _set_header(k: str, v: str) -> bytes:
+    """HeaderMutation.set_headers entry: HeaderValueOption{header: HeaderValue{key, raw_value}, OVERWRITE}."""
+    kb, vb = k.encode(), v.encode("latin-1")
+    hv = ((b"\x0a" + _varint(len(kb)) + kb if kb else b"")  # key (1), raw_value (3); proto3 omits empty ones
+          + (b"\x1a" + _varint(len(vb)) + vb if vb else b""))
+    option = b"\x0a" + _varint(len(hv)) + hv + _OVERWRITE  # header (1), append_action (3)
+    return b"\x0a" + _varint(len(option)) + option  # set_headers (1)
 
 
 def _header_mutation(set_headers: tuple[tuple[str, str], ...], remove: tuple[str, ...]) -> bytes:
-    parts = [_field(1, _field(1, _field(1, k.encode()) + _field(3, v.encode("latin-1"))) + _OVERWRITE)
-             for k, v in set_headers]
+    parts = [_set_header(k, v) for k, v in set_headers]
     parts += [_field(2, k.encode()) for k in remove]
     return b"".join(parts)
 

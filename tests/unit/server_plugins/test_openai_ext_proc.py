@@ -186,7 +186,8 @@ def test_a_complete_answer_settles_even_when_the_stream_is_closed_at_its_last_yi
 @pytest.mark.parametrize("headers", [((), ()), ((("content-length", "12"),), ()),
                                      ((("content-type", "application/json"), ("x-caf\u00e9", "d\u00e9j\u00e0 vu"),
                                        ("x-distillguard-request-id", "dg-" + "ab" * 16)), ("content-length",)),
-                                     ((), ("content-length", "etag"))])
+                                     ((), ("content-length", "etag")),
+                                     ((("x-long", "v" * 300), ("k" * 130, ""), ("accept-encoding", "")), ())])
 def test_body_responses_are_the_bytes_protobuf_writes(which, data, headers):
     set_headers, remove = headers
     over = pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
