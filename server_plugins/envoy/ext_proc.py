@@ -20,6 +20,7 @@ The chain runs in this process, on the event loop, as the sidecar's own RPCs do:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -103,6 +104,7 @@ def _field(number: int, payload: bytes) -> bytes:
     return _SHORT[number << 3 | 2] + _varint(len(payload)) + payload
 
 
+@functools.lru_cache(maxsize=256)  # most headers repeat (content-type, a few lengths); a request id does not
 def _set_header(k: str, v: str) -> bytes:
     """HeaderMutation.set_headers entry: HeaderValueOption{header: HeaderValue{key, raw_value}, OVERWRITE}."""
     kb, vb = k.encode(), v.encode("latin-1")
@@ -121,10 +123,16 @@ def _header_mutation(set_headers: tuple[tuple[str, str], ...], remove: tuple[str
 def body_response(which: int, data: bytes, *, set_headers: tuple[tuple[str, str], ...] = (),
                   remove: tuple[str, ...] = ()) -> bytes:
     """A serialized ProcessingResponse whose request_body (``REQUEST_BODY``) or response_body
-    (``RESPONSE_BODY``) replaces the body with ``data`` (clears it when empty) and changes these headers."""
-    common = _field(2, _header_mutation(set_headers, remove)) if set_headers or remove else b""
-    common += _field(3, _field(1, data) if data else _CLEAR_BODY)
-    return _field(which, _field(1, common))
+    (``RESPONSE_BODY``) replaces the body with ``data`` (clears it when empty) and changes these headers.
+    The nested lengths are worked out first, so the body is copied once, into the result."""
+    hm = _field(2, _header_mutation(set_headers, remove)) if set_headers or remove else b""  # header_mutation (2)
+    inner = b"\x0a" + _varint(len(data)) if data else _CLEAR_BODY  # BodyMutation: body (1) | clear_body (2)
+    size = len(inner) + len(data)
+    mutation = b"\x1a" + _varint(size)  # CommonResponse.body_mutation (3)
+    size += len(hm) + len(mutation)
+    response = b"\x0a" + _varint(size)  # BodyResponse.response (1)
+    size += len(response)
+    return b"".join((_SHORT[which << 3 | 2], _varint(size), response, hm, mutation, inner, data))
 
 
 # the answers that never change, serialized once: the headers that go on untouched
