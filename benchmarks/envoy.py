@@ -1,6 +1,6 @@
 """Envoy front latency: plain Envoy vs Envoy + a do-nothing Python ext_proc vs Envoy + distillguard's ext_proc.
 
-    ./dev bench envoy            # or: .venv/bin/python benchmarks/envoy.py [--requests N]
+    ./dev bench envoy            # or: .venv/bin/python benchmarks/envoy.py [--requests N] [--no-record]
 
 The same request each time, an OpenAI-shaped completion asking for 16 positions x top-5 logprobs, answered
 by a fixed-response upstream (a second Envoy's direct_response, so no model time drowns the front's). One
@@ -243,6 +243,7 @@ def check_protected(ports: dict[str, int], answer: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=2000, help="sequential requests per path")
+    ap.add_argument("--no-record", action="store_true", help="print only; write no results (alternating A/B runs)")
     ap.add_argument("--serve", metavar="SOCK", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--noop", action="store_true", help=argparse.SUPPRESS)
@@ -305,7 +306,8 @@ def main() -> int:
                f"(x{ratio}, target <= 1.5); p99 {result['envoy_p99_ms']} / {result['noop_extproc_p99_ms']} / "
                f"{result['extproc_p99_ms']} ms; target {'met' if met else 'MISSED'} (load {load_before:.1f} on 2 cores); "
                f"host CPU per request {cpu[0]} ms, no-op's {cpu[1]} ms")
-    record("envoy", result, summary)
+    if not args.no_record:
+        record("envoy", result, summary)
     print(json.dumps(result, indent=2, sort_keys=True))
     print(summary)
     return 0
