@@ -86,8 +86,7 @@ class _Plan:
     meta: tensors.ModelMeta  # the metadata it was checked against (a refreshed one is checked anew)
     layout: tensors.Layout | None  # None: not reusable (typed contents or BYTES inputs), checked each time
     batch: int
-    asked: tuple[str, ...]  # outputs the client named
-    asked_set: frozenset[str]
+    asked: frozenset[str]  # outputs the client named
     withheld: tuple[str, ...]  # named, but not returned by this proxy: not asked of Triton
     logprobs: bool  # a protected output is returned
     raw_logits: tuple[str, ...]  # named outputs that are stripped
@@ -360,7 +359,7 @@ class KServeProxy:
             upstream = up.SerializeToString()
         else:
             upstream = raw if raw is not None else request.SerializeToString()
-        return Prepared(adm, spec, upstream, rows, plan.asked_set,
+        return Prepared(adm, spec, upstream, rows, plan.asked,
                         client_id=request.id, row_values=row_values if rows is not None else None)
 
     def _plan(self, request: Any, meta: tensors.ModelMeta, spec: ModelSpec) -> tuple[_Plan, list[bytes]]:
@@ -378,7 +377,7 @@ class KServeProxy:
         if asked and len(withheld) == len(asked):
             raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
                           f"output(s) {', '.join(withheld)} of model {model!r} are not available through this proxy")
-        return _Plan(meta, tensors.Layout.of(request, batch), batch, asked, frozenset(asked), withheld,
+        return _Plan(meta, tensors.Layout.of(request, batch), batch, frozenset(asked), withheld,
                      logprobs=bool(spec.protected & (set(asked) if asked else set(meta.outputs))),
                      raw_logits=tuple(n for n in asked if n in spec.strip),
                      expected=_expected_values(spec, meta, asked, batch)), data
