@@ -10,6 +10,10 @@ timing is the median over ``--reps`` blocks of consecutive calls (minima are rec
 contenders' blocks interleaved so drift on this shared machine hits all of them. Detector: V=128256, h=1, 1000-token sequences, dedup on (transformers:
 ``ignore_repeated_ngrams=True``). Writes benchmarks/results/watermark.json and appends a dated line
 to benchmarks/results.md.
+
+``--device cuda`` runs the sampler cases on a GPU instead (B up to 256, each call timed to a
+``torch.cuda.synchronize``, transformers' processor on the same device; no detector, which runs on the
+host) and records them as benchmarks/results/watermark_cuda.json.
 """
 
 from __future__ import annotations
@@ -31,11 +35,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 GAMMA, DELTA = 0.25, 2.0
 BATCHES = (1, 8, 64)
+GPU_BATCHES = (256,)  # an engine on a GPU steps larger batches
 VOCABS = (32000, 128256)
 VARIANTS = ("lefthash", "selfhash", "gumbel")
 PREFIX = 16  # tokens of context each row has
 BLOCK = 5  # consecutive calls per contender and repetition
 DETECT_V, DETECT_LEN = 128256, 1000
+
+
+_SYNC = None  # torch.cuda.synchronize when the cases run on a GPU (--device cuda): a call is timed to its end
 
 
 def _block(fn, *args, n: int = 0, **kwargs) -> list[float]:
@@ -47,9 +55,12 @@ def _block(fn, *args, n: int = 0, **kwargs) -> list[float]:
     """
     n = n or BLOCK
     times = []
+    sync = _SYNC or (lambda: None)
+    sync()
     for _ in range(n):
         t0 = time.perf_counter()
         fn(*args, **kwargs)
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return times[1:] if n > 1 else times
 
@@ -67,19 +78,24 @@ def _ours(variant: str, fused: bool):
                               deps=deps)
 
 
-def sampler_cases(reps: int, slow_reps: int, batches, vocabs) -> list[dict]:
+def sampler_cases(reps: int, slow_reps: int, batches, vocabs, device: str = "cpu") -> list[dict]:
     import torch
-    from transformers.generation.logits_process import WatermarkLogitsProcessor
 
     from defense.types import RequestContext
+
+    try:
+        from transformers.generation.logits_process import WatermarkLogitsProcessor
+    except ImportError as e:  # a GPU machine's own transformers may lack it: time ours alone
+        print(f"transformers' WatermarkLogitsProcessor is not available ({e}); timing ours alone", flush=True)
+        WatermarkLogitsProcessor = None
 
     g = torch.Generator().manual_seed(0)
     cases = []
     defenses = {(v, fused): _ours(v, fused) for v in VARIANTS for fused in (True, False)}
     for vocab in vocabs:
         for b in batches:
-            logits = torch.randn(b, vocab, generator=g) * 3
-            ids = torch.randint(0, vocab, (b, PREFIX), generator=g)
+            logits = (torch.randn(b, vocab, generator=g) * 3).to(device)
+            ids = torch.randint(0, vocab, (b, PREFIX), generator=g).to(device)
             ctxs = [RequestContext(request_id=f"b{i}", client_id="bench") for i in range(b)]
             for variant in VARIANTS:
                 fused, eager = defenses[(variant, True)], defenses[(variant, False)]
@@ -88,8 +104,8 @@ def sampler_cases(reps: int, slow_reps: int, batches, vocabs) -> list[dict]:
                 compile_s = time.perf_counter() - t0
                 fused.process_logits(logits, ids, ctxs)
                 hf = None
-                if variant != "gumbel":
-                    hf = WatermarkLogitsProcessor(vocab_size=vocab, device="cpu", greenlist_ratio=GAMMA, bias=DELTA,
+                if variant != "gumbel" and WatermarkLogitsProcessor is not None:
+                    hf = WatermarkLogitsProcessor(vocab_size=vocab, device=device, greenlist_ratio=GAMMA, bias=DELTA,
                                                   seeding_scheme=variant, context_width=1)
                     hf(ids, logits)
                 ours_t, soft_t, eager_t, hf_t = [], [], [], []
@@ -168,9 +184,9 @@ def targets(result: dict) -> dict[str, tuple[float | None, str, float]]:
                                                        ">=", 20.0),
         "selfhash_B8_V128k_speedup_vs_transformers": (ratio(sh8["transformers_ms"], sh8["ours_ms"]) if sh8 else None,
                                                       ">=", 100.0),
+    } | ({} if "detector_tokens_per_s" not in result else {
         "detector_speedup_vs_transformers": (ratio(result["detector_tokens_per_s"],
-                                                   result["transformers_detector_tokens_per_s"]), ">=", 1000.0),
-    }
+                                                   result["transformers_detector_tokens_per_s"]), ">=", 1000.0)})
 
 
 def main() -> int:
@@ -181,32 +197,49 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (default: torch's); 1 is steadier on a loaded machine, where a parallel op "
                          "waits a scheduler slice for its second thread")
+    ap.add_argument("--device", default="cpu",
+                    help="where the sampler cases run: cpu (the recorded targets), or cuda (a GPU: B up to 256, the "
+                         "detector is not run; recorded as watermark_cuda)")
     args = ap.parse_args()
 
     import torch
 
+    global _SYNC
     if args.threads:
         torch.set_num_threads(args.threads)
+    gpu = args.device != "cpu"
+    if gpu:
+        _SYNC = torch.cuda.synchronize
 
-    batches, vocabs = ((8,), (32000,)) if args.quick else (BATCHES, VOCABS)
-    cases = sampler_cases(args.reps, args.slow_reps, batches, vocabs)
-    ours_tps, hf_tps = detector_speed(200 if args.quick else 1000, 2)
-    result = {"cases": cases, "detector_tokens_per_s": round(ours_tps), "transformers_detector_tokens_per_s": round(hf_tps, 1),
+    batches, vocabs = ((8,), (32000,)) if args.quick else (BATCHES + GPU_BATCHES if gpu else BATCHES, VOCABS)
+    cases = sampler_cases(args.reps, args.slow_reps, batches, vocabs, args.device)
+    result = {"cases": cases,
               "settings": {"gamma": GAMMA, "delta": DELTA, "context": 1, "prefix_tokens": PREFIX,
                            "detector": {"V": DETECT_V, "sequence_tokens": DETECT_LEN, "dedup": True}},
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
               "machine": f"{platform.machine()} {os.cpu_count()} cpus", "date": datetime.now(UTC).strftime("%Y-%m-%d")}
+    if gpu:
+        result["gpu"] = torch.cuda.get_device_name()
+    else:
+        ours_tps, hf_tps = detector_speed(200 if args.quick else 1000, 2)
+        result["detector_tokens_per_s"] = round(ours_tps)
+        result["transformers_detector_tokens_per_s"] = round(hf_tps, 1)
     checks = targets(result)
     result["targets"] = {k: {"measured": m, "target": f"{rel} {t}",
                              "met": m is not None and (m <= t if rel == "<=" else m >= t)} for k, (m, rel, t) in checks.items()}
     met = all(v["met"] for v in result["targets"].values())
     result["targets_met"] = met
     parts = [f"{k} {v['measured']} (target {v['target']})" for k, v in result["targets"].items()]
-    summary = f"threads {result['threads']}; " + "; ".join(parts) + f"; detector {result['detector_tokens_per_s']:,} vs {result['transformers_detector_tokens_per_s']:,} tokens/s; targets {'met' if met else 'MISSED'}"
+    where = f"{result['gpu']}, torch {torch.__version__}" if gpu else f"threads {result['threads']}"
+    summary = f"{where}; " + "; ".join(parts)
+    if not gpu:
+        summary += (f"; detector {result['detector_tokens_per_s']:,} vs "
+                    f"{result['transformers_detector_tokens_per_s']:,} tokens/s")
+    summary += f"; targets {'met' if met else 'MISSED'}"
     print(json.dumps(result, indent=2, sort_keys=True))
     print(summary)
     if not args.quick:
-        record("watermark", result, summary)
+        record("watermark_cuda" if gpu else "watermark", result, summary)
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 from .base import WatermarkDefense, check_detection_params, temperatures
 from .context import last_windows, padded, repeated_context
-from .kernels import Kernel, gumbel_choice
+from .kernels import Kernel, gumbel_step
 from .keyed import check_seeding
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class GumbelWatermark(WatermarkDefense):
 
     def __init__(self, params: GumbelParams | None = None, *, deps: Deps | None = None) -> None:
         super().__init__(params, deps=deps)
-        self._kernel = Kernel(gumbel_choice, fused=self.params.fused)
+        self._kernel = Kernel(gumbel_step, fused=self.params.fused)
 
     def process_logits(self, logits: torch.Tensor, prefixes: Sequence[Sequence[int]],
                        ctxs: Sequence[RequestContext]) -> torch.Tensor:
@@ -64,19 +64,15 @@ class GumbelWatermark(WatermarkDefense):
         b, v = logits.shape
         dev = logits.device
         temps = torch.tensor(temperatures(ctxs), dtype=torch.float32).to(dev, non_blocking=True)
-        greedy = temps <= 0
-        inv_temp = torch.where(greedy, 1.0, 1.0 / temps.clamp_min(1e-6)).reshape(-1, 1)
         if p.skip_repeated_context:
             full = padded(prefixes, batch=b, device=dev)
-            leave = greedy | repeated_context(full, p.context)
+            repeated = repeated_context(full, p.context)
             windows = last_windows(full, p.context, batch=b, device=dev)
         else:
-            leave = greedy
+            repeated = None
             windows = last_windows(prefixes, p.context, batch=b, device=dev)
-        choice = self._kernel(logits, self._seeds(ctxs, dev), windows, self._vocab(v, dev), inv_temp,
-                              hashing=p.hashing)
-        onehot = torch.full_like(logits, float("-inf")).scatter_(1, choice.reshape(-1, 1), 0.0)
-        return torch.where(leave.reshape(-1, 1), logits, onehot)
+        return self._kernel(logits, self._seeds(ctxs, dev), windows, self._vocab(v, dev), temps, repeated,
+                            hashing=p.hashing)
 
     def is_argmax_invariant(self) -> bool:
         return False

@@ -96,6 +96,24 @@ def gumbel_choice(logits: torch.Tensor, seed: torch.Tensor, windows: torch.Tenso
     return torch.argmax(logits.float() * inv_temp + gumbel, dim=1)
 
 
+def gumbel_step(logits: torch.Tensor, seed: torch.Tensor, windows: torch.Tensor, vocab: torch.Tensor,
+                temps: torch.Tensor, repeated: torch.Tensor | None, *, hashing: str) -> torch.Tensor:
+    """``[B, V]`` logits after a Gumbel-max step: each row one-hot at its keyed choice (0 there, -inf
+    elsewhere), except greedy rows (``temps`` <= 0) and rows whose context ``repeated``, left as they came.
+    One function, so a fused step is the choice's reduction and one pass that writes the result."""
+    import torch
+
+    greedy = temps <= 0
+    inv_temp = torch.where(greedy, 1.0, 1.0 / temps.clamp_min(1e-6)).reshape(-1, 1)
+    leave = greedy if repeated is None else greedy | repeated
+    choice = gumbel_choice(logits, seed, windows, vocab, inv_temp, hashing=hashing).reshape(-1, 1)
+    if torch.compiler.is_compiling():  # fused into the pass below: no [B, V] tensor of its own
+        onehot = torch.where(vocab == choice, 0.0, float("-inf")).to(logits.dtype)
+    else:  # eager: a fill and a scatter cost less than a [B, V] compare
+        onehot = torch.full_like(logits, float("-inf")).scatter_(1, choice, 0.0)
+    return torch.where(leave.reshape(-1, 1), logits, onehot)
+
+
 class Kernel:
     """A step function, eager or compiled by inductor (``fused``), falling back to eager on failure."""
 
