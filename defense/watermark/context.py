@@ -42,7 +42,10 @@ def last_windows(prefixes: Any, h: int, *, batch: int, device: torch.device) -> 
 
 
 def _tail(prefix: Sequence[int], h: int) -> list[int]:
-    tail = [int(t) for t in prefix[-h:]] if len(prefix) else []
+    tail = prefix[-h:]
+    if tail.__class__ is list and len(tail) == h:  # the usual row: a list of ids (V1's live lists) as it is
+        return tail
+    tail = [int(t) for t in tail]
     return [PAD] * (h - len(tail)) + tail
 
 
@@ -75,3 +78,64 @@ def repeated_context(full: torch.Tensor, h: int) -> torch.Tensor:
     current = windows[:, -1:, :]
     same = (windows[:, :-1, :] == current).all(dim=2) & (windows[:, :-1, :] != PAD).all(dim=2)
     return same.any(dim=1) & (current != PAD).all(dim=2).squeeze(1)
+
+
+class RepeatedContexts:
+    """``repeated_context`` for prefixes held on the host (vLLM V1's live token lists), read incrementally.
+
+    Each row's windows seen so far are kept between steps, so a step reads only the tokens added since the
+    last one: O(new tokens) per row rather than the O(prefix length) of building a padded [B, L] tensor
+    every step, which grows with every generated token.
+
+    A row is known by its prefix object (V1 keeps one ``TokenView`` per request while it is in the batch),
+    held here so its id cannot pass to another; a new object (a fresh list each step) is read in full.
+    A prefix that is not the continuation of what was read (shorter, or another token where the last
+    window read ended) is read again from its start. Rows not in a step are let go once more than twice
+    the batch are held.
+    """
+
+    def __init__(self, h: int) -> None:
+        self.h = h
+        # id(prefix) -> [prefix, windows starting before `start`, start, the window at start - 1 or None]
+        self._rows: dict[int, list[Any]] = {}
+
+    def __call__(self, prefixes: Sequence[Sequence[int]]) -> tuple[list[bool], list[Any]]:
+        """(whether each row's current context occurred earlier in it, each row's current context: its
+        last h tokens, -1 where missing, as ``last_windows`` reads them)."""
+        h = self.h
+        rows = self._rows
+        out = []
+        windows = []
+        for p in prefixes:
+            n = len(p)
+            end = n - h  # the current context starts here; earlier windows start at 0 .. end - 1
+            if end <= 0:
+                out.append(False)
+                windows.append(_tail(p, h))
+                continue
+            st = rows.get(id(p))
+            if st is not None and st[0] is p and st[2] <= end:
+                start = st[2]
+                base = start - 1 if start else 0
+                toks = p[base:n]  # one read: the window read last, the new windows, the current context
+                if start and tuple(toks[:h]) != st[3]:
+                    st = None
+            else:
+                st = None
+            if st is None:  # new, or not a continuation of what was read: read it from the start
+                st = rows[id(p)] = [p, set(), 0, None]
+                start = base = 0
+                toks = p[0:n]
+            seen = st[1]
+            for i in range(start - base, end - base):
+                seen.add(tuple(toks[i:i + h]))
+            if start < end:
+                st[2], st[3] = end, tuple(toks[end - 1 - base:end - 1 - base + h])
+            current = toks[end - base:]
+            out.append(tuple(current) in seen)
+            windows.append(current if current.__class__ is list else [int(t) for t in current])
+        if len(rows) > 2 * len(prefixes) + 64:
+            keep = {id(p) for p in prefixes}
+            for key in [k for k in rows if k not in keep]:
+                del rows[key]
+        return out, windows

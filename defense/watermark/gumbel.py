@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from .base import WatermarkDefense, check_detection_params, temperatures
-from .context import last_windows, padded, repeated_context
+from .context import RepeatedContexts, _is_tensor, last_windows, padded, repeated_context
 from .kernels import Kernel, gumbel_step
 from .keyed import check_seeding
 
@@ -54,6 +54,7 @@ class GumbelWatermark(WatermarkDefense):
     def __init__(self, params: GumbelParams | None = None, *, deps: Deps | None = None) -> None:
         super().__init__(params, deps=deps)
         self._kernel = Kernel(gumbel_step, fused=self.params.fused)
+        self._repeats = RepeatedContexts(self.params.context)
 
     def process_logits(self, logits: torch.Tensor, prefixes: Sequence[Sequence[int]],
                        ctxs: Sequence[RequestContext]) -> torch.Tensor:
@@ -64,10 +65,16 @@ class GumbelWatermark(WatermarkDefense):
         b, v = logits.shape
         dev = logits.device
         temps = torch.tensor(temperatures(ctxs), dtype=torch.float32).to(dev, non_blocking=True)
-        if p.skip_repeated_context:
+        if p.skip_repeated_context and _is_tensor(prefixes):  # on the device (V2, transformers): vectorized
             full = padded(prefixes, batch=b, device=dev)
             repeated = repeated_context(full, p.context)
             windows = last_windows(full, p.context, batch=b, device=dev)
+        elif p.skip_repeated_context:  # on the host (V1's token lists): only the tokens new since the last step
+            if len(prefixes) != b:
+                raise ValueError(f"got {len(prefixes)} prefixes for {b} rows of logits")
+            seen, current = self._repeats(prefixes)
+            repeated = torch.tensor(seen, dtype=torch.bool).to(dev, non_blocking=True)
+            windows = torch.tensor(current, dtype=torch.int64).reshape(b, p.context).to(dev, non_blocking=True)
         else:
             repeated = None
             windows = last_windows(prefixes, p.context, batch=b, device=dev)

@@ -45,6 +45,13 @@ class TokenView(Sequence[int]):
     def __getitem__(self, i: slice) -> list[int]: ...
     def __getitem__(self, i: int | slice) -> int | list[int]:
         n_prompt = len(self._prompt)
+        if i.__class__ is slice and i.step is None:  # the defenses' reads each step: recent tokens only
+            start, stop = i.start, i.stop
+            out = self._output
+            if start is not None and start < 0 and stop is None and -start <= len(out):
+                return out[start:]  # the last -start tokens (a window)
+            if start is not None and stop is not None and n_prompt <= start <= stop <= n_prompt + len(out):
+                return out[start - n_prompt:stop - n_prompt]
         if isinstance(i, slice):
             start, stop, step = i.indices(len(self))
             if step != 1:

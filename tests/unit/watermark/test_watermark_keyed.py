@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from defense import prf
 from defense.watermark import keyed
-from defense.watermark.context import last_windows, padded, repeated_context
+from defense.watermark.context import RepeatedContexts, last_windows, padded, repeated_context
 from defense.watermark.kernels import _mix_, vocab_hashes
 
 SEED = prf.key_seed(b"k" * 32)
@@ -89,6 +91,37 @@ def test_repeated_context():
     full = padded([[1, 2, 3, 1, 2], [1, 2, 3, 4, 5], [7]], batch=3, device=torch.device("cpu"))
     assert repeated_context(full, 2).tolist() == [True, False, False]
     assert repeated_context(full, 1).tolist() == [True, False, False]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data(), st.integers(1, 3))
+def test_repeated_contexts_read_incrementally_agree_with_the_full_check(data, h):
+    """Rows that grow (as vLLM's live lists do), get replaced, or are cut back and regrown: the incremental
+    tracker answers what repeated_context over the whole padded prefixes answers, at every step."""
+    tracker = RepeatedContexts(h)
+    rows = [data.draw(st.lists(st.integers(0, 3), max_size=6)) for _ in range(data.draw(st.integers(1, 4)))]
+    for _ in range(data.draw(st.integers(1, 8))):
+        for i, row in enumerate(rows):
+            action = data.draw(st.sampled_from(["grow", "grow", "grow", "new", "cut"]))
+            if action == "grow":
+                row.extend(data.draw(st.lists(st.integers(0, 3), max_size=3)))
+            elif action == "new":  # another request takes the slot
+                rows[i] = data.draw(st.lists(st.integers(0, 3), max_size=8))
+            else:  # the last tokens taken back (rejected draft tokens), then as many or more others appended
+                k = data.draw(st.integers(0, min(2, len(row))))
+                del row[len(row) - k:]
+                row.extend(data.draw(st.lists(st.integers(0, 3), min_size=k, max_size=3)))
+        full = padded(rows, batch=len(rows), device=torch.device("cpu"))
+        seen, current = tracker(rows)
+        assert seen == repeated_context(full, h).tolist()
+        assert current == last_windows(full, h, batch=len(rows), device=torch.device("cpu")).tolist()
+
+
+def test_repeated_contexts_forget_rows_that_left():
+    tracker = RepeatedContexts(1)
+    for _ in range(100):
+        tracker([[1, 2, 1]])  # a fresh list each step: read in full each time, and let go later
+    assert len(tracker._rows) <= 2 + 64
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
