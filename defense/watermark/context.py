@@ -41,6 +41,14 @@ def last_windows(prefixes: Any, h: int, *, batch: int, device: torch.device) -> 
     return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
 
 
+def _ints(tokens: Any) -> list[int]:
+    """A list of Python ints: what V1's lists already are; anything else (a tensor or array row, numpy
+    ints) is converted, so windows hash and compare by value."""
+    if tokens.__class__ is list and (not tokens or tokens[0].__class__ is int):
+        return tokens
+    return [int(t) for t in tokens]
+
+
 def _tail(prefix: Sequence[int], h: int) -> list[int]:
     tail = prefix[-h:]
     if tail.__class__ is list and len(tail) == h:  # the usual row: a list of ids (V1's live lists) as it is
@@ -117,7 +125,7 @@ class RepeatedContexts:
             if st is not None and st[0] is p and st[2] <= end:
                 start = st[2]
                 base = start - 1 if start else 0
-                toks = p[base:n]  # one read: the window read last, the new windows, the current context
+                toks = _ints(p[base:n])  # one read: the window read last, the new windows, the current context
                 if start and tuple(toks[:h]) != st[3]:
                     st = None
             else:
@@ -125,7 +133,7 @@ class RepeatedContexts:
             if st is None:  # new, or not a continuation of what was read: read it from the start
                 st = rows[id(p)] = [p, set(), 0, None]
                 start = base = 0
-                toks = p[0:n]
+                toks = _ints(p[0:n])
             seen = st[1]
             for i in range(start - base, end - base):
                 seen.add(tuple(toks[i:i + h]))
@@ -133,7 +141,7 @@ class RepeatedContexts:
                 st[2], st[3] = end, tuple(toks[end - 1 - base:end - 1 - base + h])
             current = toks[end - base:]
             out.append(tuple(current) in seen)
-            windows.append(current if current.__class__ is list else [int(t) for t in current])
+            windows.append(current)
         if len(rows) > 2 * len(prefixes) + 64:
             keep = {id(p) for p in prefixes}
             for key in [k for k in rows if k not in keep]:

@@ -117,6 +117,13 @@ def test_repeated_contexts_read_incrementally_agree_with_the_full_check(data, h)
         assert current == last_windows(full, h, batch=len(rows), device=torch.device("cpu")).tolist()
 
 
+def test_repeated_contexts_read_rows_of_any_integer_type():
+    rows = [[1, 2, 1], np.array([1, 2, 1]), torch.tensor([5, 6, 5]), (3, 4)]
+    seen, current = RepeatedContexts(1)(rows)
+    assert seen == [True, True, True, False]
+    assert current == [[1], [1], [5], [4]] and all(type(t) is int for w in current for t in w)
+
+
 def test_repeated_contexts_forget_rows_that_left():
     tracker = RepeatedContexts(1)
     for _ in range(100):
