@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import machine, record  # noqa: E402
 
 BATCHES = (1, 64, 256)
 V = 128256
@@ -127,8 +126,7 @@ def main() -> int:
     result = {"cases": cases, "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "gpu": torch.cuda.get_device_name() if gpu else None,
               "settings": {"V": V, "context": 1, "prompt_tokens": PROMPT, "output_tokens_at_start": OUTPUT,
-                           "fused": True},
-              "machine": f"{platform.machine()} {os.cpu_count()} cpus", "date": datetime.now(UTC).strftime("%Y-%m-%d")}
+                           "fused": True}, **machine()}
     parts = [f"{c['variant']} B={c['B']}: v1 {c['v1_ms']} / v2 {c['v2_ms']} / softmax {c['softmax_ms']} ms"
              for c in cases]
     where = f"{result['gpu']}, torch {torch.__version__}" if gpu else f"cpu, {result['threads']} threads"
@@ -136,10 +134,7 @@ def main() -> int:
     print(json.dumps(result, indent=2, sort_keys=True))
     print(summary)
     if not args.no_record:
-        name = "engine_step_cuda" if gpu else "engine_step"
-        (ROOT / "benchmarks" / "results" / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-        with open(ROOT / "benchmarks" / "results.md", "a") as f:
-            f.write(f"- {datetime.now(UTC):%Y-%m-%d %H:%M} UTC `{name}`: {summary}\n")
+        record("engine_step_cuda" if gpu else "engine_step", result, summary)
     return 0
 
 

@@ -21,15 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import machine, record  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -156,14 +157,6 @@ def detector_speed(n_seqs: int, hf_seqs: int) -> tuple[float, float]:
     return ours, theirs
 
 
-def record(name: str, result: dict, summary: str) -> None:
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    with open(ROOT / "benchmarks" / "results.md", "a") as f:
-        f.write(f"- {datetime.now(UTC):%Y-%m-%d %H:%M} UTC `{name}`: {summary}\n")
-
-
 def _case(cases: list[dict], b: int, v: int, variant: str) -> dict | None:
     return next((c for c in cases if (c["B"], c["V"], c["variant"]) == (b, v, variant)), None)
 
@@ -217,7 +210,7 @@ def main() -> int:
               "settings": {"gamma": GAMMA, "delta": DELTA, "context": 1, "prefix_tokens": PREFIX,
                            "detector": {"V": DETECT_V, "sequence_tokens": DETECT_LEN, "dedup": True}},
               "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
-              "machine": f"{platform.machine()} {os.cpu_count()} cpus", "date": datetime.now(UTC).strftime("%Y-%m-%d")}
+              **machine()}
     if gpu:
         result["gpu"] = torch.cuda.get_device_name()
     else:
