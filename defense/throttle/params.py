@@ -163,7 +163,7 @@ class BudgetParams:
     fallback_share: float = 1.0  # local limits during an outage, as a share of each amount (1/replicas)
     lease_fraction: float = 0.05  # sqlite: budget a process takes per store transaction, of each amount
     lease_requests: int = 16  # sqlite: ... and at most this many requests' worth (bounds what a kill -9 strands)
-    lease_ttl_s: float = 2.0  # sqlite: unused leased budget goes back to the store after this
+    lease_ttl_s: float = 2.0  # sqlite: leased budget goes back to the store once unused this long
     store_timeout_s: float = 0.25  # redis socket timeout; sqlite waits this long for the write lock x 8
     parallel_retry_s: float = 1.0  # Retry-After for a request over max_parallel (slots free on settle)
     strength: StrengthCurve = StrengthCurve()

@@ -7,8 +7,12 @@ returns; only a power loss can drop the last commits, which synchronous=FULL wou
 Leases keep the store off the admission path. A process takes budget from the file in short BEGIN
 IMMEDIATE transactions, a slice at a time (``lease_fraction`` of the amount but at most
 ``lease_requests`` requests' worth, never more than half of what is left, never less than the request
-needs), and admits from its slice in memory; what it does not use goes back after ``lease_ttl_s`` (an
-upkeep timer on the sidecar's event loop does it while the process is idle). What every process holds
+needs), and admits from its slice in memory; what it does not use goes back once the slice has gone
+``lease_ttl_s`` unused (an upkeep timer on the sidecar's event loop does it while the process is idle). A
+slice in use stays, up to ``_LEASE_LIFE`` x ``lease_ttl_s`` (and a quarter of its bucket's period) from its
+grant: a client that sends a request every second or two takes budget from the file once per
+``lease_requests`` requests, not once per ``lease_ttl_s``, and a client's usage share read at the grant
+is never older than that. What every process holds
 was taken from the file under its write lock, so together they never admit more than the limit. A
 killed process's unused slice stays charged until the window refills (a token bucket drains, a sliding
 window slides): budget is lost, never over-spent, and every settled charge was already in the file
@@ -34,6 +38,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
+import itertools
 import logging
 import math
 import os
@@ -56,6 +62,7 @@ log = logging.getLogger("distillguard.budget")
 SCHEMA_VERSION = "1"
 _MAINT_S = 0.5  # expired leases and reservations are handled at most this late
 _CLEANUP_S = 60.0  # idle rows and dead processes' slots are deleted this often
+_LEASE_LIFE = 8  # a lease in use lives at most this many lease_ttl_s from its grant (and period / 4)
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS dg_meta(k TEXT PRIMARY KEY, v TEXT) WITHOUT ROWID",
@@ -142,9 +149,13 @@ class SqliteStore(SharedStore):
         self.path = path
         self._conn = connect(path, timeout_s=self.options.timeout_s * 8)
         self.owner = uuid.uuid4().hex[:16]  # names this process's rows in dg_holders
-        # key -> [remaining, expires, used_at_grant, window_tag, over_cap, bucket]: budget leased from the file
+        # key -> [remaining, expires, used_at_grant, window_tag, over_cap, bucket, expires_at_latest]: budget
+        # leased from the file; each use moves ``expires`` to lease_ttl_s away, never past the last field
         self._bal: dict[str, list] = {}
-        self._bal_q: deque[tuple[float, str]] = deque()  # (expires, key) in grant order: upkeep pops expired
+        # (expires, n, key, lease): a heap, one entry per live lease; upkeep pops the due ones and sends home
+        # those still unused since, or pushes them back with their moved expiry
+        self._bal_q: list[tuple[float, int, str, list]] = []
+        self._bal_n = itertools.count()
         self._res: dict[str, list] = {}  # rkey -> [expires, buckets, amounts, fraction, over, tags, private]
         self._res_q: deque[tuple[float, str]] = deque()
         self._held: dict[str, float] = {}  # concurrency key -> slots this process holds in dg_holders
@@ -233,6 +244,7 @@ class SqliteStore(SharedStore):
             frac = 0.0
             over = False
             short = -1
+            kept = now + self.options.lease_ttl_s
             for i, b in enumerate(buckets):
                 a = amounts[b.unit]
                 if not a:
@@ -243,6 +255,7 @@ class SqliteStore(SharedStore):
                     short = i
                     break
                 e[0] -= a
+                e[1] = kept if kept < e[6] else e[6]
                 tags.append(e[3])
                 if b.client_scope:
                     f = (e[2] - e[0]) / b.cap  # the file's count at the grant, less what is still unspent here
@@ -251,8 +264,8 @@ class SqliteStore(SharedStore):
                 if e[4]:
                     over = True
             if short >= 0:
-                for b in buckets[:len(tags)]:  # undo the partial pass (the short bucket took nothing)
-                    a = amounts[b.unit]
+                for b in buckets[:len(tags)]:  # undo the partial pass (the short bucket took nothing; an
+                    a = amounts[b.unit]      # expiry moved by it stays moved: _reserve_slow uses them now)
                     if a:
                         bal[b.key][0] += a
                 return self._reserve_slow(rkey, buckets, amounts, now, ttl, private)
@@ -282,6 +295,7 @@ class SqliteStore(SharedStore):
         frac = 0.0
         over = False
         tags = []
+        kept = now + self.options.lease_ttl_s
         for b in buckets:
             a = amounts[b.unit]
             if not a:
@@ -289,6 +303,7 @@ class SqliteStore(SharedStore):
                 continue
             e = bal[b.key]
             e[0] -= a
+            e[1] = kept if kept < e[6] else e[6]
             tags.append(e[3])
             if b.client_scope:
                 f = (e[2] - e[0]) / b.cap
@@ -342,7 +357,10 @@ class SqliteStore(SharedStore):
                     holds.append((b.key, self.owner, held + lease, now + opts.holder_ttl_s))
                 else:
                     puts.append((b.key, s[0], s[1], s[2], idle_after(b.algo, s, b.cap, b.period)))
-                grants.append((b, [have + lease, now + opts.lease_ttl_s, u, s[0], u > b.cap, b]))
+                window = b.period / 4 if b.algo != CONCURRENCY and b.period > 0 else math.inf  # slots: no window
+                latest = now + min(_LEASE_LIFE * opts.lease_ttl_s, window)
+                grants.append((b, [have + lease, now + opts.lease_ttl_s, u, s[0], u > b.cap, b,
+                                   max(latest, now + opts.lease_ttl_s)]))
             if puts:
                 c.executemany(_PUT, puts)
             if holds:
@@ -358,7 +376,7 @@ class SqliteStore(SharedStore):
             self._held[key] = held
         for b, entry in grants:
             self._bal[b.key] = entry
-            self._bal_q.append((entry[1], b.key))
+            heapq.heappush(self._bal_q, (entry[1], next(self._bal_n), b.key, entry))
             self._blocked.pop(b.key, None)
         self.event("lease_granted", len(grants))
         return None
@@ -535,10 +553,13 @@ class SqliteStore(SharedStore):
         home = []
         q = self._bal_q
         while q and q[0][0] <= now:
-            key = q.popleft()[1]
-            e = self._bal.get(key)
-            if e is not None and e[1] <= now:
+            _, _, key, e = heapq.heappop(q)
+            if self._bal.get(key) is not e:
+                continue  # replaced by a newer grant, which has its own entry
+            if e[1] <= now:
                 home.append((key, e))
+            else:  # used since: due again at its moved expiry
+                heapq.heappush(q, (e[1], next(self._bal_n), key, e))
         refunds = self._refunds
         renew = bool(self._held) and now >= self._next_renew
         cleanup = now >= self._next_cleanup
@@ -636,7 +657,7 @@ class SqliteStore(SharedStore):
             now = self._last_now
             for e in self._bal.values():
                 e[1] = -math.inf  # every lease counts as expired
-            self._bal_q = deque((-math.inf, k) for k in self._bal)
+            self._bal_q = [(-math.inf, next(self._bal_n), k, e) for k, e in self._bal.items()]
             self._next_cleanup = math.inf
             try:
                 self._maintain(now)

@@ -405,6 +405,58 @@ def test_sqlite_upkeep_tick_returns_an_idle_process_leases(tmp_path, clock):
     b.close()
 
 
+def _granted(m):
+    return sample(m, "distillguard_state_store_events_total", backend="sqlite", event="lease_granted")
+
+
+def test_sqlite_lease_in_use_stays_and_goes_home_lease_ttl_after_its_last_use(tmp_path, clock):
+    """A client sending a request a second takes budget from the file once (its lease covers 16 requests),
+    not every lease_ttl_s (2 s); idle, the lease goes back lease_ttl_s after its last use."""
+    m = Metrics()
+    a, b = SqliteStore(str(tmp_path / "s.db"), metrics=m), SqliteStore(str(tmp_path / "s.db"))
+    for s in (a, b):
+        s.configure(StoreOptions())
+    a.clock = clock
+    p = plan(tokens=100_000.0, requests=100_000.0, period=1e7)  # drains ~0.01 a second: counts stay put
+    for i in range(10):
+        assert a.reserve(f"r{i}", p, REQ, clock.now(), TTL)[0] == OK
+        assert a.settle(f"r{i}", p, (1, 10, 30, 40, 0, 0), clock.now(), DEDUP) is True
+        a._tick()
+        clock.advance(1.0)
+    assert _granted(m) == 2  # one transaction, both buckets: no renewal while in use
+    last = clock.now() - 1.0
+    clock.advance(0.9)  # 1.9 s after the last use: still a's
+    a._tick()
+    assert b.status(p, clock.now())[0][0] == pytest.approx(16 - 0.11, abs=0.02)  # the whole lease, less 11 s of drain
+    clock.advance(0.2)  # past lease_ttl_s since `last`
+    assert clock.now() - last > 2.0
+    a._tick()
+    assert b.status(p, clock.now())[0][0] == pytest.approx(10 - 0.11, abs=0.02)  # only the ten settled requests
+    assert a._bal == {} and a._bal_q == []
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize(("window", "period", "grants"), [(TOKEN_BUCKET, 3600.0, 3), (SLIDING_WINDOW, 40.0, 4)])
+def test_sqlite_lease_in_use_is_renewed_at_its_latest_expiry(tmp_path, clock, window, period, grants):
+    """A lease in use still goes back to the file at most 8 x lease_ttl_s (16 s) after its grant, sooner for a
+    window shorter than 64 s (a quarter of the period): the usage share read at the grant stays recent, and
+    a sliding window's lease is spent in the window it was counted in or the next."""
+    m = Metrics()
+    a = SqliteStore(str(tmp_path / "s.db"), metrics=m)
+    a.configure(StoreOptions(lease_requests=1000))  # the lease never runs out here: only its age renews it
+    a.clock = clock
+    p = plan(tokens=1e9, requests=1e9, window=window, period=period)
+    for i in range(40):
+        assert a.reserve(f"r{i}", p, REQ, clock.now(), TTL)[0] == OK
+        a.settle(f"r{i}", p, (1, 10, 30, 40, 0, 0), clock.now(), DEDUP)
+        a._tick()
+        assert len(a._bal_q) <= 2 * len(a._bal)  # one heap entry per live lease, plus replaced ones not yet due
+        clock.advance(1.0)
+    assert _granted(m) == 2 * grants  # at 0 and 16 and 32 s; at 0, 10, 20 and 30 s
+    a.close()
+
+
 def test_redis_uri_parsing():
     from defense.throttle.resp import parse_uri
 
