@@ -33,6 +33,11 @@ from server_plugins.openai import Exchange, Forward, Guard, Reply, ResponsePlan,
 
 from ._proto import ext_proc_pb2 as pb
 
+try:  # Envoy's messages read from their bytes in C (built at install when a compiler is there)
+    from . import _wire
+except ImportError:  # pragma: no cover - an install without a C compiler
+    _wire = None
+
 log = logging.getLogger("distillguard.envoy")
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -57,6 +62,31 @@ def headers_of(m: pb.HeaderMap) -> dict[str, str]:
             v = f"{out[k]},{v}"
         out[k] = v
     return out
+
+
+# what ``read_request`` answers: the number of the ProcessingRequest oneof field that is set (0: none)
+GOT_REQUEST_HEADERS, GOT_RESPONSE_HEADERS, GOT_REQUEST_BODY, GOT_RESPONSE_BODY, GOT_REQUEST_TRAILERS, \
+    GOT_RESPONSE_TRAILERS = range(2, 8)
+_ONEOF = {f.name: f.number for f in pb.ProcessingRequest.DESCRIPTOR.oneofs_by_name["request"].fields}
+
+
+def read_request_pb(data: bytes) -> tuple[int, dict[str, str] | bytes | None, bool]:
+    """A ProcessingRequest's bytes -> (oneof field number, headers dict or body bytes or None, end_of_stream),
+    with protobuf's parser; ``_wire.read`` answers the same from the bytes directly."""
+    msg = pb.ProcessingRequest.FromString(data)
+    which = msg.WhichOneof("request")
+    if which is None:
+        return 0, None, False
+    part = getattr(msg, which)
+    kind = _ONEOF[which]
+    if kind <= GOT_RESPONSE_HEADERS:
+        return kind, headers_of(part.headers), part.end_of_stream
+    if kind <= GOT_RESPONSE_BODY:
+        return kind, part.body, part.end_of_stream
+    return kind, None, False
+
+
+read_request = _wire.read if _wire is not None else read_request_pb
 
 
 def _mutation(set_headers: tuple[tuple[str, str], ...], remove: tuple[str, ...]) -> pb.HeaderMutation:
@@ -150,48 +180,46 @@ class ExtProcServicer:
         # settles of answered exchanges: run on the loop's next turn, once the answer is handed back
         self.deferred = deferred if deferred is not None else Deferred()
 
-    async def process(self, requests: AsyncIterator[pb.ProcessingRequest],
+    async def process(self, requests: AsyncIterator[tuple[int, dict[str, str] | bytes | None, bool]],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse | bytes]:
-        """Envoy's messages in, answers out: ProcessingResponse messages, or the body responses already
-        serialized (bytes); the handler's serializer passes those through."""
+        """Envoy's messages in, as ``read_request`` reads them; answers out: ProcessingResponse messages, or
+        the body responses already serialized (bytes), which the handler's serializer passes through."""
         ex: Exchange | None = None
         plan: ResponsePlan | None = None
         try:
-            async for msg in requests:
-                which = msg.WhichOneof("request")
-                if which == "request_headers":
-                    h = headers_of(msg.request_headers.headers)
+            async for kind, payload, end in requests:
+                if kind == GOT_REQUEST_HEADERS:
+                    h: dict[str, str] = payload  # type: ignore[assignment]
                     ex = self.guard.start(h.get(":method", ""), h.get(":path", "/"), h)
                     if ex.action == "pass":
                         yield pb.ProcessingResponse(request_headers=pb.HeadersResponse(), mode_override=_PASS_ALL)
                     elif ex.action == "reply":
                         yield immediate(ex.reply)  # type: ignore[arg-type]
-                    elif msg.request_headers.end_of_stream:
+                    elif end:
                         yield immediate(error_reply(400, "the request has no body; send a JSON object", code="no_body"))
                     else:
                         yield _REQUEST_HEADERS_OK
                         # grpc resumes this generator once the answer is written: Envoy sends the body
                         # meanwhile, and what the body does not change is ready when it comes
                         ex.prepare()
-                elif which == "request_body":
+                elif kind == GOT_REQUEST_BODY:
                     if ex is None or ex.action != "guard":
                         yield pb.ProcessingResponse(request_body=pb.BodyResponse())
                         continue
-                    rq = msg.request_body
-                    if not rq.end_of_stream:
+                    if not end:
                         # BUFFERED delivers the whole body in one message; a partial one means the body was
                         # over Envoy's buffer limit (BUFFERED_PARTIAL) or the filter is misconfigured
                         yield immediate(error_reply(413, "the request body is too large to check",
                                                     code="request_too_large"))
                         continue
-                    out = ex.request(rq.body)
+                    out = ex.request(payload)  # type: ignore[arg-type]
                     if isinstance(out, Forward):
                         yield body_response(REQUEST_BODY, out.body, set_headers=out.set_headers,
                                             remove=out.remove_headers)
                     else:
                         yield immediate(out)
-                elif which == "response_headers":
-                    h = headers_of(msg.response_headers.headers)
+                elif kind == GOT_RESPONSE_HEADERS:
+                    h = payload  # type: ignore[assignment]
                     if ex is None:
                         yield pb.ProcessingResponse(response_headers=pb.HeadersResponse(), mode_override=_NO_BODY)
                         continue
@@ -200,29 +228,27 @@ class ExtProcServicer:
                     except ValueError:
                         status = 0
                     plan = ex.response_start(status, h)
-                    if plan.mode == "buffer" and not (plan.set_headers or plan.remove_headers
-                                                      or msg.response_headers.end_of_stream):
+                    if plan.mode == "buffer" and not (plan.set_headers or plan.remove_headers or end):
                         yield _RESPONSE_HEADERS_OK  # the usual answer: its body comes next, buffered
                         continue
                     resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
                     if plan.set_headers or plan.remove_headers:
                         resp.response_headers.response.header_mutation.CopyFrom(
                             _mutation(plan.set_headers, plan.remove_headers))
-                    if plan.mode == "pass" or msg.response_headers.end_of_stream:
+                    if plan.mode == "pass" or end:
                         resp.mode_override.CopyFrom(_NO_BODY)
-                        if msg.response_headers.end_of_stream and plan.mode != "pass":
+                        if end and plan.mode != "pass":
                             ex.finish(SettleStatus.OK)  # a 2xx without a body: nothing returned to protect
                     elif plan.mode == "stream":
                         resp.mode_override.CopyFrom(_STREAMED)
                     yield resp
-                elif which == "response_body":
-                    rb = msg.response_body
+                elif kind == GOT_RESPONSE_BODY:
                     if ex is None or plan is None or plan.mode == "pass":
                         answer = pb.ProcessingResponse(response_body=pb.BodyResponse())
                     elif plan.mode == "stream":
-                        answer = body_response(RESPONSE_BODY, ex.response_chunk(rb.body, rb.end_of_stream))
+                        answer = body_response(RESPONSE_BODY, ex.response_chunk(payload, end))  # type: ignore[arg-type]
                     else:
-                        result = ex.response_body(rb.body)
+                        result = ex.response_body(payload)  # type: ignore[arg-type]
                         if isinstance(result, Reply):
                             answer = immediate(result, "distillguard_unprotected_response")
                         else:
@@ -236,13 +262,14 @@ class ExtProcServicer:
                         # closes this generator at the yield, so code after it would never run
                         self.deferred.add(ex.finish)
                     yield answer
-                elif which == "request_trailers":
+                elif kind == GOT_REQUEST_TRAILERS:
                     yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-                elif which == "response_trailers":
+                elif kind == GOT_RESPONSE_TRAILERS:
                     yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
                 else:  # a message kind this subset does not know: answering nothing would stall Envoy
-                    log.warning("ext_proc: unexpected message %r; failing the stream", which)
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected ext_proc message {which!r}")
+                    log.warning("ext_proc: unexpected message (request field %d); failing the stream", kind)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"unexpected ext_proc message (request field {kind})")
         finally:
             # the stream ended: Envoy finished, or the client or Envoy reset it mid-way (grpc cancels us)
             if ex is not None and not ex.settled and not ex.complete:
@@ -252,7 +279,7 @@ class ExtProcServicer:
 def ext_proc_handler(runtime: Callable[[], Runtime], deferred: Deferred | None = None) -> grpc.GenericRpcHandler:
     servicer = ExtProcServicer(Guard(runtime), deferred)
     method = grpc.stream_stream_rpc_method_handler(servicer.process,
-                                                   request_deserializer=pb.ProcessingRequest.FromString,
+                                                   request_deserializer=read_request,
                                                    response_serializer=_serialize)
     return grpc.method_handlers_generic_handler(SERVICE, {"Process": method})
 

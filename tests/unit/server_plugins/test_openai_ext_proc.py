@@ -18,6 +18,7 @@ from server_plugins.envoy.ext_proc import (
     _serialize,
     body_response,
     headers_of,
+    read_request,
 )
 from server_plugins.openai import Guard
 
@@ -58,7 +59,7 @@ def run(rt, messages):
     async def go():
         async def stream():
             for m in messages:
-                yield m
+                yield read_request(m.SerializeToString())  # what grpc hands the handler
 
         return [as_message(r) async for r in servicer.process(stream(), Ctx())]
 
@@ -169,7 +170,7 @@ def test_a_complete_answer_settles_even_when_the_stream_is_closed_at_its_last_yi
     async def go():
         async def feed():
             for m in messages:
-                yield m
+                yield read_request(m.SerializeToString())
 
         gen = servicer.process(feed(), Ctx())
         answers = [as_message(await gen.__anext__()) for _ in messages]

@@ -1,0 +1,334 @@
+/* Envoy's ext_proc ProcessingRequest read straight from its protobuf bytes.
+ *
+ * read(data) -> (kind, payload, end_of_stream), the same answer as server_plugins.envoy.ext_proc's Python
+ * reader (protobuf's parser, WhichOneof and headers_of), without building message objects or walking the
+ * header list in Python:
+ *   kind: the number of the request oneof's field that is set (2 request_headers, 3 response_headers,
+ *         4 request_body, 5 response_body, 6 request_trailers, 7 response_trailers), 0 when none is;
+ *   payload: for headers, a dict of lower-case name -> value (raw_value read as latin-1 when set, else
+ *         value; a repeated name joined with ','); for bodies, the body bytes; else None;
+ *   end_of_stream: the headers' or body's flag.
+ *
+ * Wire semantics follow protobuf's: unknown fields and fields of an unexpected wire type are skipped, a
+ * message field that occurs twice is merged (headers appended), a scalar's last occurrence wins, setting
+ * another oneof member clears the one before. String fields must be UTF-8. Truncated or malformed input
+ * (and the long-deprecated group wire types, which Envoy never sends) raise ValueError.
+ *
+ * Field numbers (envoy/service/ext_proc/v3/external_processor.proto, config/core/v3/base.proto):
+ * HttpHeaders headers 1 (HeaderMap), end_of_stream 3; HttpBody body 1, end_of_stream 2; HeaderMap headers 1
+ * (repeated HeaderValue); HeaderValue key 1, value 2, raw_value 3.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    const unsigned char *p, *end;
+} Buf;
+
+static int fail(const char *what) {
+    PyErr_Format(PyExc_ValueError, "malformed ext_proc message: %s", what);
+    return -1;
+}
+
+static int varint(Buf *b, uint64_t *out) {
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+        if (b->p >= b->end)
+            return fail("truncated varint");
+        unsigned char c = *b->p++;
+        v |= (uint64_t)(c & 0x7F) << shift;
+        if (!(c & 0x80)) {
+            *out = v;
+            return 0;
+        }
+    }
+    return fail("varint longer than 10 bytes");
+}
+
+/* the next field's number and wire type; 0 at the end of the buffer */
+static int tag(Buf *b, uint32_t *field, int *wt) {
+    uint64_t t;
+    if (varint(b, &t) < 0)
+        return -1;
+    if (t >> 3 == 0 || t >> 3 > 0x1FFFFFFF)
+        return fail("bad field number");
+    *field = (uint32_t)(t >> 3);
+    *wt = (int)(t & 7);
+    return 1;
+}
+
+/* a length-delimited field's payload, as a sub-buffer */
+static int span(Buf *b, Buf *sub) {
+    uint64_t n;
+    if (varint(b, &n) < 0)
+        return -1;
+    if (n > (uint64_t)(b->end - b->p))
+        return fail("length past the end");
+    sub->p = b->p;
+    sub->end = b->p + n;
+    b->p += n;
+    return 0;
+}
+
+static int skip(Buf *b, int wt) {
+    uint64_t v;
+    Buf sub;
+    switch (wt) {
+    case 0:
+        return varint(b, &v);
+    case 1:
+        if (b->end - b->p < 8)
+            return fail("truncated fixed64");
+        b->p += 8;
+        return 0;
+    case 2:
+        return span(b, &sub);
+    case 5:
+        if (b->end - b->p < 4)
+            return fail("truncated fixed32");
+        b->p += 4;
+        return 0;
+    default:
+        return fail("unsupported wire type");
+    }
+}
+
+/* a str from UTF-8 bytes, as protobuf's string fields require */
+static PyObject *utf8(Buf s) {
+    return PyUnicode_DecodeUTF8((const char *)s.p, s.end - s.p, "strict");
+}
+
+static PyObject *lower_key(Buf k) {
+    Py_ssize_t n = k.end - k.p;
+    int ascii = 1;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (k.p[i] & 0x80) {
+            ascii = 0;
+            break;
+        }
+    if (!ascii) { /* str.lower() for the rest, after the UTF-8 check */
+        PyObject *s = utf8(k);
+        if (s == NULL)
+            return NULL;
+        PyObject *l = PyObject_CallMethod(s, "lower", NULL);
+        Py_DECREF(s);
+        return l;
+    }
+    PyObject *s = PyUnicode_New(n, 127);
+    if (s == NULL)
+        return NULL;
+    Py_UCS1 *d = PyUnicode_1BYTE_DATA(s);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = k.p[i];
+        d[i] = (c >= 'A' && c <= 'Z') ? (Py_UCS1)(c + 32) : c;
+    }
+    return s;
+}
+
+/* one HeaderValue into the dict */
+static int header_value(Buf b, PyObject *dict) {
+    Buf key = {b.p, b.p}, value = {b.p, b.p}, raw = {b.p, b.p};
+    uint32_t f;
+    int wt, r;
+    while (b.p < b.end) {
+        if ((r = tag(&b, &f, &wt)) < 0)
+            return -1;
+        if (wt == 2 && f >= 1 && f <= 3) {
+            Buf *dst = f == 1 ? &key : f == 2 ? &value : &raw;
+            if (span(&b, dst) < 0)
+                return -1;
+        } else if (skip(&b, wt) < 0) {
+            return -1;
+        }
+    }
+    PyObject *k = lower_key(key);
+    if (k == NULL)
+        return -1;
+    PyObject *v;
+    if (value.end > value.p) { /* a string field: checked even when raw_value wins */
+        v = utf8(value);
+        if (v != NULL && raw.end > raw.p) {
+            Py_DECREF(v);
+            v = PyUnicode_DecodeLatin1((const char *)raw.p, raw.end - raw.p, NULL);
+        }
+    } else if (raw.end > raw.p) {
+        v = PyUnicode_DecodeLatin1((const char *)raw.p, raw.end - raw.p, NULL);
+    } else {
+        v = PyUnicode_New(0, 127);
+    }
+    if (v == NULL) {
+        Py_DECREF(k);
+        return -1;
+    }
+    PyObject *had = PyDict_GetItemWithError(dict, k); /* borrowed */
+    if (had != NULL) {
+        PyObject *joined = PyUnicode_FromFormat("%U,%U", had, v);
+        Py_DECREF(v);
+        v = joined;
+    } else if (PyErr_Occurred()) {
+        Py_DECREF(v);
+        v = NULL;
+    }
+    r = v == NULL ? -1 : PyDict_SetItem(dict, k, v);
+    Py_DECREF(k);
+    Py_XDECREF(v);
+    return r;
+}
+
+static int header_map(Buf b, PyObject *dict) {
+    uint32_t f;
+    int wt;
+    while (b.p < b.end) {
+        if (tag(&b, &f, &wt) < 0)
+            return -1;
+        if (f == 1 && wt == 2) {
+            Buf sub;
+            if (span(&b, &sub) < 0 || header_value(sub, dict) < 0)
+                return -1;
+        } else if (skip(&b, wt) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+typedef struct {
+    uint32_t kind;
+    PyObject *payload; /* owned: a dict (headers), bytes (body) or NULL */
+    int eos;
+} State;
+
+static void reset(State *s, uint32_t kind) {
+    Py_CLEAR(s->payload);
+    s->kind = kind;
+    s->eos = 0;
+}
+
+static int http_headers(Buf b, State *s) {
+    uint32_t f;
+    int wt;
+    if (s->payload == NULL && (s->payload = PyDict_New()) == NULL)
+        return -1;
+    while (b.p < b.end) {
+        if (tag(&b, &f, &wt) < 0)
+            return -1;
+        if (f == 1 && wt == 2) {
+            Buf sub;
+            if (span(&b, &sub) < 0 || header_map(sub, s->payload) < 0)
+                return -1;
+        } else if (f == 3 && wt == 0) {
+            uint64_t v;
+            if (varint(&b, &v) < 0)
+                return -1;
+            s->eos = v != 0;
+        } else if (skip(&b, wt) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int http_body(Buf b, State *s) {
+    uint32_t f;
+    int wt;
+    while (b.p < b.end) {
+        if (tag(&b, &f, &wt) < 0)
+            return -1;
+        if (f == 1 && wt == 2) {
+            Buf sub;
+            if (span(&b, &sub) < 0)
+                return -1;
+            Py_XSETREF(s->payload, PyBytes_FromStringAndSize((const char *)sub.p, sub.end - sub.p));
+            if (s->payload == NULL)
+                return -1;
+        } else if (f == 2 && wt == 0) {
+            uint64_t v;
+            if (varint(&b, &v) < 0)
+                return -1;
+            s->eos = v != 0;
+        } else if (skip(&b, wt) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* trailers are answered, never read: checked as protobuf checks them (HttpTrailers trailers 1, a HeaderMap) */
+static int http_trailers(Buf b) {
+    uint32_t f;
+    int wt;
+    while (b.p < b.end) {
+        if (tag(&b, &f, &wt) < 0)
+            return -1;
+        if (f == 1 && wt == 2) {
+            Buf sub;
+            PyObject *scratch;
+            if (span(&b, &sub) < 0 || (scratch = PyDict_New()) == NULL)
+                return -1;
+            int r = header_map(sub, scratch);
+            Py_DECREF(scratch);
+            if (r < 0)
+                return -1;
+        } else if (skip(&b, wt) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *read_request(PyObject *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Buf b = {(const unsigned char *)view.buf, (const unsigned char *)view.buf + view.len};
+    State s = {0, NULL, 0};
+    uint32_t f;
+    int wt, ok = 0;
+    while (b.p < b.end) {
+        if (tag(&b, &f, &wt) < 0)
+            goto done;
+        if (f >= 2 && f <= 7 && wt == 2) {
+            Buf sub;
+            if (span(&b, &sub) < 0)
+                goto done;
+            if (f != s.kind)
+                reset(&s, f);
+            int r = f <= 3 ? http_headers(sub, &s) : f <= 5 ? http_body(sub, &s) : http_trailers(sub);
+            if (r < 0)
+                goto done;
+        } else if (skip(&b, wt) < 0) {
+            goto done;
+        }
+    }
+    ok = 1;
+done:
+    PyBuffer_Release(&view);
+    if (!ok) {
+        Py_XDECREF(s.payload);
+        return NULL;
+    }
+    if (s.payload == NULL && (s.kind == 4 || s.kind == 5))
+        s.payload = PyBytes_FromStringAndSize("", 0);
+    if (s.payload == NULL && (s.kind == 2 || s.kind == 3))
+        s.payload = PyDict_New();
+    if (s.payload == NULL && PyErr_Occurred())
+        return NULL;
+    PyObject *payload = s.payload != NULL ? s.payload : Py_NewRef(Py_None);
+    PyObject *out = Py_BuildValue("(INO)", s.kind, payload, s.eos ? Py_True : Py_False);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"read", read_request, METH_O,
+     "read(data) -> (kind, payload, end_of_stream): an ext_proc ProcessingRequest's oneof field number, its "
+     "headers (dict) or body (bytes), and its end_of_stream flag"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_wire",
+                                    "Envoy ext_proc ProcessingRequest reader (see server_plugins/envoy/_wire.c).",
+                                    -1, methods};
+
+PyMODINIT_FUNC PyInit__wire(void) { return PyModule_Create(&module); }
