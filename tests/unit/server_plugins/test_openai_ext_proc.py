@@ -19,6 +19,7 @@ from server_plugins.envoy.ext_proc import (
     body_response,
     headers_of,
     read_request,
+    read_request_pb,
 )
 from server_plugins.openai import Guard
 
@@ -53,13 +54,13 @@ class Ctx:
         raise RuntimeError(f"{code}: {details}")
 
 
-def run(rt, messages):
+def run(rt, messages, reader=read_request):
     servicer = ExtProcServicer(Guard(rt))
 
     async def go():
         async def stream():
             for m in messages:
-                yield read_request(m.SerializeToString())  # what grpc hands the handler
+                yield reader(m.SerializeToString())  # what grpc hands the handler
 
         return [as_message(r) async for r in servicer.process(stream(), Ctx())]
 
@@ -104,9 +105,11 @@ def test_refusals_are_immediate_responses():
     assert r.WhichOneof("response") == "request_body" and len(admitted) == 1  # a whole one did
 
 
-def test_a_buffered_exchange():
+@pytest.mark.parametrize("reader", [read_request, read_request_pb], ids=["c", "protobuf"])
+def test_a_buffered_exchange(reader):
     answer = json.dumps(completion_answer()).encode()
-    rs = run(make_runtime(), [request_headers(), request_body(req()), response_headers(), response_body(answer)])
+    rs = run(make_runtime(), [request_headers(), request_body(req()), response_headers(), response_body(answer)],
+             reader)
     assert [r.WhichOneof("response") for r in rs] == ["request_headers", "request_body", "response_headers",
                                                       "response_body"]
     body = rs[1].request_body.response
