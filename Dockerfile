@@ -14,7 +14,7 @@
 #
 # What is inside: the `defense` library and `server_plugins` with only what the sidecar imports (numpy, scipy,
 # PyYAML, prometheus-client, grpcio and its health/reflection services, protobuf, redis for a shared
-# store, orjson for the Envoy front's JSON), and the front's compiled logprob reader. torch, transformers, tokenizers and safetensors are left out on purpose: they serve the
+# store, orjson for the Envoy front's JSON), and the fronts' compiled readers. torch, transformers, tokenizers and safetensors are left out on purpose: they serve the
 # in-engine plugins, the model factory and the experiments, never the sidecar (tests/unit/test_deploy.py
 # checks the list here against pyproject.toml). Keys are never baked in: mount a key file (mode 0400 or
 # 0600, owned by the user the sidecar runs as) at $DISTILLGUARD_KEYS. Config: $DISTILLGUARD_CONFIG.
@@ -23,7 +23,8 @@
 ARG PYTHON=3.11
 
 FROM python:${PYTHON}-slim-bookworm AS build
-# a C compiler for the HTTP fronts' logprob reader (server_plugins/openai/_lpscan.c): the wheel carries it
+# a C compiler for the HTTP fronts' logprob reader (server_plugins/openai/_lpscan.c) and the ext_proc message
+# reader (server_plugins/envoy/_wire.c): the wheel carries them
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
