@@ -12,7 +12,9 @@ needs), and admits from its slice in memory; what it does not use goes back once
 slice in use stays, up to ``_LEASE_LIFE`` x ``lease_ttl_s`` (and a quarter of its bucket's period) from its
 grant: a client that sends a request every second or two takes budget from the file once per
 ``lease_requests`` requests, not once per ``lease_ttl_s``, and a client's usage share read at the grant
-is never older than that. What every process holds
+is never older than that. A transaction one of a request's limits needs also tops up its other leases that
+are down to a quarter of a lease, so the limits of a plan renew together rather than each in its own
+transaction (a process then holds at most 1.25 leases' worth of a limit). What every process holds
 was taken from the file under its write lock, so together they never admit more than the limit. A
 killed process's unused slice stays charged until the window refills (a token bucket drains, a sliding
 window slides): budget is lost, never over-spent, and every settled charge was already in the file
@@ -275,9 +277,13 @@ class SqliteStore(SharedStore):
 
     def _reserve_slow(self, rkey: str, buckets: Sequence[Bucket], amounts: Sequence[int], now: float,
                       ttl: float, private: bool) -> Reserved:
-        """Some lease is short: one transaction tops up every short one, then the request is taken from them."""
+        """Some lease is short: one transaction tops up every short one, and the ones about to be (under a
+        quarter of a lease's worth left: their own transaction would come a few requests later), then the
+        request is taken from them."""
         bal = self._bal
         need: list[int] = []
+        soon: list[int] = []
+        low = self.options.lease_requests / 4
         for i, b in enumerate(buckets):
             a = amounts[b.unit]
             if not a:
@@ -289,7 +295,9 @@ class SqliteStore(SharedStore):
                     if until is not None and until > now:  # asked lately and refused: no transaction
                         return i, until - now, 0.0, False
                 need.append(i)
-        refused = self._grant(buckets, amounts, need, now)
+            elif e[0] < a * low and b.algo != CONCURRENCY and b.key not in self._blocked:
+                soon.append(i)  # slots are not topped up ahead: others would see them held
+        refused = self._grant(buckets, amounts, need, now, soon)
         if refused is not None:
             return refused
         frac = 0.0
@@ -315,15 +323,19 @@ class SqliteStore(SharedStore):
         self._res_q.append((now + ttl, rkey))
         return OK, 0.0, frac, over
 
-    def _grant(self, buckets: Sequence[Bucket], amounts: Sequence[int], need: list[int], now: float) -> Reserved | None:
-        """One transaction: lease what the needed buckets lack, or nothing (returns the refusal)."""
+    def _grant(self, buckets: Sequence[Bucket], amounts: Sequence[int], need: list[int], now: float,
+               soon: Sequence[int] = ()) -> Reserved | None:
+        """One transaction: lease what the needed buckets lack, or nothing (returns the refusal). The
+        ``soon`` buckets still hold enough for this request: each is topped up if the file has room, and
+        never refuses it."""
         opts = self.options
         c = self._begin()
         try:
             puts: list[tuple] = []
             holds: list[tuple] = []
             grants: list[tuple[Bucket, list]] = []
-            for i in need:
+            optional = len(need)
+            for n, i in enumerate((*need, *soon)):
                 b = buckets[i]
                 a = amounts[b.unit]
                 e = self._bal.get(b.key)
@@ -346,8 +358,12 @@ class SqliteStore(SharedStore):
                                       math.floor(avail / 2)))
                 if lease > avail:
                     lease = want
+                if n >= optional and lease <= 0:
+                    continue  # a top-up ahead the file has no room for
                 u = b.take(s, b.cap, b.period, lease, now, b.shadow)
                 if u < 0:
+                    if n >= optional:
+                        continue  # a top-up ahead never refuses the request: its lease still holds enough
                     self._rollback()
                     retry = -u
                     if math.isfinite(retry):

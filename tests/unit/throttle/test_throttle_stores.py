@@ -457,6 +457,68 @@ def test_sqlite_lease_in_use_is_renewed_at_its_latest_expiry(tmp_path, clock, wi
     a.close()
 
 
+def _transactions(store):
+    """Wrap store._grant: the list of (needed, topped-up-ahead) bucket limits of each lease transaction."""
+    seen = []
+    grant = store._grant
+
+    def spy(buckets, amounts, need, now, soon=()):
+        seen.append(({buckets[i].limit for i in need}, {buckets[i].limit for i in soon}))
+        return grant(buckets, amounts, need, now, soon)
+
+    store._grant = spy
+    return seen
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_sqlite_a_lease_transaction_also_tops_up_leases_about_to_run_short(tmp_path, ahead):
+    """The token lease holds 10 requests' worth, the request lease 16: without top-ups ahead each runs out on
+    its own schedule (12 transactions in 80 requests, 4 of them for the request lease alone); with them, a
+    transaction either lease needs also refills the other when it has under a quarter of a lease left (at
+    requests 30 and 48 here), which saves two."""
+    s = SqliteStore(str(tmp_path / "s.db"))
+    s.configure(StoreOptions())
+    seen = _transactions(s)
+    if not ahead:
+        grant = s._grant
+        s._grant = lambda buckets, amounts, need, now, soon=(): grant(buckets, amounts, need, now)
+    p = plan(tokens=20_000.0, requests=100_000.0, period=1e9)  # no drain: only what is taken moves
+    for i in range(80):
+        assert s.reserve(f"r{i}", p, REQ, T0, TTL)[0] == OK
+        assert s.settle(f"r{i}", p, REQ[:5] + (0,), T0, DEDUP) is True
+    own = [need for need, _ in seen[1:] if need == {"req"}]  # request lease refills not paid by the token one
+    if ahead:
+        assert len(seen) == 10 and len(own) == 3
+        assert [soon for _, soon in seen if soon] == [{"req"}, {"tok"}]
+    else:
+        assert len(seen) == 12 and len(own) == 4
+    s.close()
+    assert used(s_ := SqliteStore(str(tmp_path / "s.db")), p) == [80, 8000]  # all charged, leases returned
+    s_.close()
+
+
+def test_sqlite_a_top_up_ahead_the_file_has_no_room_for_never_refuses(tmp_path):
+    """a's request lease holds 2 requests' worth, its token lease 16: at its 14th request the request lease
+    needs a transaction and the token lease (2 left) is due a top-up, but b has taken every token left in
+    the file. The top-up is skipped and the request admitted from the lease a holds; once that is spent,
+    the file's refusal stands."""
+    a, b = _two(tmp_path)
+    p = plan(tokens=100_000.0, requests=40.0, period=1e9)
+    seen = _transactions(a)
+    for i in range(14):
+        assert a.reserve(f"a{i}", p, REQ, T0, TTL)[0] == OK
+    for x in [2 ** k for k in range(17, -1, -1)]:  # b takes all the file's tokens, biggest pieces first
+        b._blocked.clear()  # (a refusal would otherwise keep b from asking again for a while)
+        while b.reserve(f"b{x}-{len(b._res)}", p, (0, 0, 0, x, 0, 0), T0, TTL)[0] == OK:
+            pass
+    assert a.reserve("a14", p, REQ, T0, TTL)[0] == OK
+    assert seen[-1] == ({"req"}, {"tok"})  # asked for ahead, no room: skipped
+    assert a.reserve("a15", p, REQ, T0, TTL)[0] == OK  # the token lease's last 100
+    assert a.reserve("a16", p, REQ, T0, TTL)[0] == 1  # then the token limit refuses, as it must
+    a.close()
+    b.close()
+
+
 def test_redis_uri_parsing():
     from defense.throttle.resp import parse_uri
 
