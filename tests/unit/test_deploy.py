@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -171,3 +173,14 @@ def test_the_sidecar_runs_without_torch_as_the_image_ships_it():
                          capture_output=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "request_rules,budget,keyed_noise"
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler here")
+def test_the_compiled_readers_are_built_where_a_compiler_is():
+    """pyproject.toml marks the C extensions optional (an install without a compiler goes on without them),
+    so a build that broke would only show as their tests skipping: where a compiler exists, they must be
+    there, each listed in pyproject.toml."""
+    modules = [m["name"] for m in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["ext-modules"]]
+    assert sorted(modules) == ["server_plugins.envoy._wire", "server_plugins.openai._lpscan"]
+    for name in modules:
+        assert importlib.import_module(name).__file__.endswith(".so")
