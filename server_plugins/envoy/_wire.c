@@ -206,33 +206,14 @@ static void reset(State *s, uint32_t kind) {
     s->eos = 0;
 }
 
-static int http_headers(Buf b, State *s) {
-    uint32_t f;
+/* one oneof member into the state: HttpHeaders (headers 1, end_of_stream 3), HttpBody (body 1,
+ * end_of_stream 2) or HttpTrailers (trailers 1: answered, never read, but checked as protobuf checks it) */
+static int member(Buf b, State *s) {
+    int headers = s->kind <= 3, body = s->kind == 4 || s->kind == 5;
+    uint32_t eos_field = headers ? 3 : body ? 2 : 0, f;
     int wt;
-    if (s->payload == NULL && (s->payload = PyDict_New()) == NULL)
+    if (headers && s->payload == NULL && (s->payload = PyDict_New()) == NULL)
         return -1;
-    while (b.p < b.end) {
-        if (tag(&b, &f, &wt) < 0)
-            return -1;
-        if (f == 1 && wt == 2) {
-            Buf sub;
-            if (span(&b, &sub) < 0 || header_map(sub, s->payload) < 0)
-                return -1;
-        } else if (f == 3 && wt == 0) {
-            uint64_t v;
-            if (varint(&b, &v) < 0)
-                return -1;
-            s->eos = v != 0;
-        } else if (skip(&b, wt) < 0) {
-            return -1;
-        }
-    }
-    return 0;
-}
-
-static int http_body(Buf b, State *s) {
-    uint32_t f;
-    int wt;
     while (b.p < b.end) {
         if (tag(&b, &f, &wt) < 0)
             return -1;
@@ -240,37 +221,25 @@ static int http_body(Buf b, State *s) {
             Buf sub;
             if (span(&b, &sub) < 0)
                 return -1;
-            Py_XSETREF(s->payload, PyBytes_FromStringAndSize((const char *)sub.p, sub.end - sub.p));
-            if (s->payload == NULL)
+            if (body) {
+                Py_XSETREF(s->payload, PyBytes_FromStringAndSize((const char *)sub.p, sub.end - sub.p));
+                if (s->payload == NULL)
+                    return -1;
+                continue;
+            }
+            PyObject *into = headers ? s->payload : PyDict_New(); /* trailers: a scratch dict */
+            if (into == NULL)
                 return -1;
-        } else if (f == 2 && wt == 0) {
+            int r = header_map(sub, into);
+            if (!headers)
+                Py_DECREF(into);
+            if (r < 0)
+                return -1;
+        } else if (f == eos_field && wt == 0) {
             uint64_t v;
             if (varint(&b, &v) < 0)
                 return -1;
             s->eos = v != 0;
-        } else if (skip(&b, wt) < 0) {
-            return -1;
-        }
-    }
-    return 0;
-}
-
-/* trailers are answered, never read: checked as protobuf checks them (HttpTrailers trailers 1, a HeaderMap) */
-static int http_trailers(Buf b) {
-    uint32_t f;
-    int wt;
-    while (b.p < b.end) {
-        if (tag(&b, &f, &wt) < 0)
-            return -1;
-        if (f == 1 && wt == 2) {
-            Buf sub;
-            PyObject *scratch;
-            if (span(&b, &sub) < 0 || (scratch = PyDict_New()) == NULL)
-                return -1;
-            int r = header_map(sub, scratch);
-            Py_DECREF(scratch);
-            if (r < 0)
-                return -1;
         } else if (skip(&b, wt) < 0) {
             return -1;
         }
@@ -295,8 +264,7 @@ static PyObject *read_request(PyObject *self, PyObject *arg) {
                 goto done;
             if (f != s.kind)
                 reset(&s, f);
-            int r = f <= 3 ? http_headers(sub, &s) : f <= 5 ? http_body(sub, &s) : http_trailers(sub);
-            if (r < 0)
+            if (member(sub, &s) < 0)
                 goto done;
         } else if (skip(&b, wt) < 0) {
             goto done;
