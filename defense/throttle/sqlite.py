@@ -12,9 +12,11 @@ needs), and admits from its slice in memory; what it does not use goes back once
 slice in use stays, up to ``_LEASE_LIFE`` x ``lease_ttl_s`` (and a quarter of its bucket's period) from its
 grant: a client that sends a request every second or two takes budget from the file once per
 ``lease_requests`` requests, not once per ``lease_ttl_s``, and a client's usage share read at the grant
-is never older than that. A transaction one of a request's limits needs also tops up its other leases that
-are down to a quarter of a lease, so the limits of a plan renew together rather than each in its own
-transaction (a process then holds at most 1.25 leases' worth of a limit). What every process holds
+is never older than that. In the sidecar (a running event loop) an admission that leaves one of its leases
+under a quarter of a lease's worth queues a top-up for the loop's next turn, so admissions rarely wait for a
+transaction (or for another process's write lock); and a transaction, ahead or one a short lease forces,
+tops up every lease of the request that is under half a lease, so a plan's limits renew together rather
+than each in its own transaction. A process holds at most 1.5 leases' worth of a limit. What every process holds
 was taken from the file under its write lock, so together they never admit more than the limit. A
 killed process's unused slice stays charged until the window refills (a token bucket drains, a sliding
 window slides): budget is lost, never over-spent, and every settled charge was already in the file
@@ -173,6 +175,9 @@ class SqliteStore(SharedStore):
         self._lock = threading.Lock()
         self.clock: Clock | None = None  # set by open_store: upkeep between requests needs the time
         self._ticker: asyncio.TimerHandle | None = None
+        # plans whose leases ran low in an admission, topped up on the loop's next turn (see _top_up)
+        self._low: dict[int, tuple[Sequence[Bucket], Sequence[int]]] = {}
+        self._low_handle: asyncio.Handle | None = None
 
     # -- transactions -------------------------------------------------------------------------------
     def _begin(self) -> sqlite3.Connection:
@@ -220,6 +225,37 @@ class SqliteStore(SharedStore):
                 self._failed("upkeep", self.clock.now(), e)
         self._schedule()
 
+    def _top_up(self) -> None:
+        """Runs on the serving loop's next turn after an admission left some of its leases under a quarter of a
+        lease: one transaction per such plan tops them up, so the admissions after it find them full rather
+        than paying the transaction (and any wait for the file's write lock) themselves."""
+        self._low_handle = None
+        pending, self._low = self._low, {}
+        if self._closed or self.clock is None:
+            return
+        with self._lock:
+            now = self.clock.now()
+            low = self.options.lease_requests / 4
+            bal, blocked = self._bal, self._blocked
+            for buckets, amounts in pending.values():
+                soon = []
+                due = False
+                for i, b in enumerate(buckets):
+                    a = amounts[b.unit]
+                    e = bal.get(b.key)
+                    # under half a lease: topped up with the one under a quarter, in its transaction
+                    if a and e is not None and e[1] > now and e[0] < a * 2 * low and b.algo != CONCURRENCY \
+                            and b.key not in blocked:
+                        soon.append(i)
+                        due = due or e[0] < a * low
+                if not due:
+                    continue  # an admission topped them up first
+                try:
+                    self._grant(buckets, amounts, [], now, soon)
+                except StoreError as e:
+                    self._failed("upkeep", now, e)
+                    return
+
     def _schedule(self) -> None:
         # only inside a running loop (the sidecar): library callers without one get upkeep on each call
         loop = asyncio.events._get_running_loop()
@@ -246,7 +282,10 @@ class SqliteStore(SharedStore):
             frac = 0.0
             over = False
             short = -1
-            kept = now + self.options.lease_ttl_s
+            opts = self.options
+            kept = now + opts.lease_ttl_s
+            low = opts.lease_requests / 4
+            running_low = False
             for i, b in enumerate(buckets):
                 a = amounts[b.unit]
                 if not a:
@@ -258,6 +297,8 @@ class SqliteStore(SharedStore):
                     break
                 e[0] -= a
                 e[1] = kept if kept < e[6] else e[6]
+                if e[0] < a * low and b.algo != CONCURRENCY:
+                    running_low = True
                 tags.append(e[3])
                 if b.client_scope:
                     f = (e[2] - e[0]) / b.cap  # the file's count at the grant, less what is still unspent here
@@ -273,17 +314,28 @@ class SqliteStore(SharedStore):
                 return self._reserve_slow(rkey, buckets, amounts, now, ttl, private)
             self._res[rkey] = [now + ttl, buckets, amounts, frac, over, tags, private]
             self._res_q.append((now + ttl, rkey))
+            if running_low:
+                self._ahead(buckets, amounts)
             return OK, 0.0, frac, over
+
+    def _ahead(self, buckets: Sequence[Bucket], amounts: Sequence[int]) -> None:
+        """Queue a top-up of these leases for the loop's next turn; without a running loop (a library caller)
+        the next admission that needs a transaction tops them up (_reserve_slow)."""
+        if self._low_handle is None:
+            loop = asyncio.events._get_running_loop()
+            if loop is None:
+                return
+            self._low_handle = loop.call_soon(self._top_up)
+        self._low[id(buckets)] = (buckets, amounts)
 
     def _reserve_slow(self, rkey: str, buckets: Sequence[Bucket], amounts: Sequence[int], now: float,
                       ttl: float, private: bool) -> Reserved:
-        """Some lease is short: one transaction tops up every short one, and the ones about to be (under a
-        quarter of a lease's worth left: their own transaction would come a few requests later), then the
-        request is taken from them."""
+        """Some lease is short: one transaction tops up every short one, and the ones under half a lease's
+        worth (their own transaction would come a few requests later), then the request is taken from them."""
         bal = self._bal
         need: list[int] = []
         soon: list[int] = []
-        low = self.options.lease_requests / 4
+        half = self.options.lease_requests / 2
         for i, b in enumerate(buckets):
             a = amounts[b.unit]
             if not a:
@@ -295,7 +347,7 @@ class SqliteStore(SharedStore):
                     if until is not None and until > now:  # asked lately and refused: no transaction
                         return i, until - now, 0.0, False
                 need.append(i)
-            elif e[0] < a * low and b.algo != CONCURRENCY and b.key not in self._blocked:
+            elif e[0] < a * half and b.algo != CONCURRENCY and b.key not in self._blocked:
                 soon.append(i)  # slots are not topped up ahead: others would see them held
         refused = self._grant(buckets, amounts, need, now, soon)
         if refused is not None:
@@ -685,4 +737,7 @@ class SqliteStore(SharedStore):
             self._closed = True
             if self._ticker is not None:
                 self._ticker.cancel()
+            if self._low_handle is not None:
+                self._low_handle.cancel()
+                self._low.clear()
             self._conn.close()

@@ -3,6 +3,7 @@ corrupt files, and the outage policy of shared stores."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 
 import pytest
@@ -474,8 +475,8 @@ def _transactions(store):
 def test_sqlite_a_lease_transaction_also_tops_up_leases_about_to_run_short(tmp_path, ahead):
     """The token lease holds 10 requests' worth, the request lease 16: without top-ups ahead each runs out on
     its own schedule (12 transactions in 80 requests, 4 of them for the request lease alone); with them, a
-    transaction either lease needs also refills the other when it has under a quarter of a lease left (at
-    requests 30 and 48 here), which saves two."""
+    transaction either lease needs also refills the other when it has under half a lease left (at requests
+    10, 30, 48 and 60 here), which saves four."""
     s = SqliteStore(str(tmp_path / "s.db"))
     s.configure(StoreOptions())
     seen = _transactions(s)
@@ -488,8 +489,8 @@ def test_sqlite_a_lease_transaction_also_tops_up_leases_about_to_run_short(tmp_p
         assert s.settle(f"r{i}", p, REQ[:5] + (0,), T0, DEDUP) is True
     own = [need for need, _ in seen[1:] if need == {"req"}]  # request lease refills not paid by the token one
     if ahead:
-        assert len(seen) == 10 and len(own) == 3
-        assert [soon for _, soon in seen if soon] == [{"req"}, {"tok"}]
+        assert len(seen) == 8 and len(own) == 1
+        assert [soon for _, soon in seen if soon] == [{"req"}, {"req"}, {"tok"}, {"req"}]
     else:
         assert len(seen) == 12 and len(own) == 4
     s.close()
@@ -497,24 +498,65 @@ def test_sqlite_a_lease_transaction_also_tops_up_leases_about_to_run_short(tmp_p
     s_.close()
 
 
+def test_sqlite_in_a_running_loop_leases_are_topped_up_off_the_admission_path(tmp_path, clock):
+    """In the sidecar (a running event loop) an admission that leaves a lease under a quarter of a lease
+    queues its top-up for the loop's next turn: after the first grant, no admission pays a transaction."""
+    s = SqliteStore(str(tmp_path / "s.db"))
+    s.configure(StoreOptions())
+    s.clock = clock
+    seen = _transactions(s)
+    where = []
+    reserve = s.reserve
+
+    def spy(*args, **kwargs):
+        n = len(seen)
+        out = reserve(*args, **kwargs)
+        where.extend(["admission"] * (len(seen) - n))
+        return out
+
+    s.reserve = spy
+    p = plan(tokens=20_000.0, requests=100_000.0, period=1e9)
+
+    async def serve():
+        for i in range(80):
+            assert s.reserve(f"r{i}", p, REQ, clock.now(), TTL)[0] == OK
+            assert s.settle(f"r{i}", p, REQ[:5] + (0,), clock.now(), DEDUP) is True
+            n = len(seen)
+            await asyncio.sleep(0)  # the loop's next turn
+            where.extend(["next turn"] * (len(seen) - n))
+
+    asyncio.run(serve())
+    assert where[0] == "admission" and set(where[1:]) == {"next turn"} and len(where) > 5
+    assert all(not need for need, _ in seen[1:])  # top-ups only: nothing was short
+    s.close()
+    assert used(s_ := SqliteStore(str(tmp_path / "s.db")), p) == [80, 8000]
+    s_.close()
+
+
 def test_sqlite_a_top_up_ahead_the_file_has_no_room_for_never_refuses(tmp_path):
-    """a's request lease holds 2 requests' worth, its token lease 16: at its 14th request the request lease
-    needs a transaction and the token lease (2 left) is due a top-up, but b has taken every token left in
-    the file. The top-up is skipped and the request admitted from the lease a holds; once that is spent,
-    the file's refusal stands."""
+    """a's request lease holds 2 requests' worth, its token lease 16, so a's transactions are mostly for
+    requests and top its token lease up on the way. Once b has taken every token left in the file, those
+    top-ups find no room: they are skipped, a goes on admitting from the token lease it holds, and only
+    when that is spent does the file's refusal stand."""
     a, b = _two(tmp_path)
     p = plan(tokens=100_000.0, requests=40.0, period=1e9)
     seen = _transactions(a)
-    for i in range(14):
+    for i in range(6):
         assert a.reserve(f"a{i}", p, REQ, T0, TTL)[0] == OK
     for x in [2 ** k for k in range(17, -1, -1)]:  # b takes all the file's tokens, biggest pieces first
         b._blocked.clear()  # (a refusal would otherwise keep b from asking again for a while)
         while b.reserve(f"b{x}-{len(b._res)}", p, (0, 0, 0, x, 0, 0), T0, TTL)[0] == OK:
             pass
-    assert a.reserve("a14", p, REQ, T0, TTL)[0] == OK
-    assert seen[-1] == ({"req"}, {"tok"})  # asked for ahead, no room: skipped
-    assert a.reserve("a15", p, REQ, T0, TTL)[0] == OK  # the token lease's last 100
-    assert a.reserve("a16", p, REQ, T0, TTL)[0] == 1  # then the token limit refuses, as it must
+    left = a._bal[p.buckets[1].key][0]
+    before = len(seen)
+    admitted, code = 0, OK
+    while code == OK:
+        code = a.reserve(f"a-more{admitted}", p, REQ, T0, TTL)[0]
+        admitted += code == OK
+    assert code == 1  # the token limit refused...
+    assert admitted == left // 100 > 2  # ...once a's own token lease was spent, and not before
+    asked = [need for need, soon in seen[before:] if "tok" in soon]
+    assert asked and all(need == {"req"} for need in asked)  # top-ups asked for on the way, no room: skipped
     a.close()
     b.close()
 
