@@ -16,7 +16,7 @@ is never older than that. In the sidecar (a running event loop) an admission tha
 under a quarter of a lease's worth queues a top-up for the loop's next turn, so admissions rarely wait for a
 transaction (or for another process's write lock); and a transaction, ahead or one a short lease forces,
 tops up every lease of the request that is under half a lease, so a plan's limits renew together rather
-than each in its own transaction. A process holds at most 1.5 leases' worth of a limit. What every process holds
+than each in its own transaction. A top-up fills a lease to a lease's worth, never past it. What every process holds
 was taken from the file under its write lock, so together they never admit more than the limit. A
 killed process's unused slice stays charged until the window refills (a token bucket drains, a sliding
 window slides): budget is lost, never over-spent, and every settled charge was already in the file
@@ -406,12 +406,17 @@ class SqliteStore(SharedStore):
                         b.give(s, b.cap, b.period, back, now, e[3])  # type: ignore[index]
                     used = b.used(s, b.cap, b.period, now)
                 avail = b.cap - used
-                lease = max(want, min(math.ceil(b.cap * opts.lease_fraction), a * opts.lease_requests,
-                                      math.floor(avail / 2)))
-                if lease > avail:
-                    lease = want
-                if n >= optional and lease <= 0:
-                    continue  # a top-up ahead the file has no room for
+                full = min(math.ceil(b.cap * opts.lease_fraction), a * opts.lease_requests, math.floor(avail / 2))
+                if n >= optional:
+                    # a top-up ahead fills the lease to a lease's worth, never past it: what a kill -9 strands
+                    # stays one lease
+                    lease = full - have
+                    if lease <= 0:
+                        continue  # full enough, or the file has no room
+                else:
+                    lease = max(want, full)
+                    if lease > avail:
+                        lease = want
                 u = b.take(s, b.cap, b.period, lease, now, b.shadow)
                 if u < 0:
                     if n >= optional:
