@@ -1,4 +1,5 @@
-/* Envoy's ext_proc ProcessingRequest read straight from its protobuf bytes.
+/* Envoy's ext_proc ProcessingRequest read straight from its protobuf bytes, and the body responses written
+ * as bytes (body_response, at the end of this file).
  *
  * read(data) -> (kind, payload, end_of_stream), the same answer as server_plugins.envoy.ext_proc's Python
  * reader (protobuf's parser, WhichOneof and headers_of), without building message objects or walking the
@@ -288,15 +289,190 @@ done:
     return out;
 }
 
+/* ---- the body responses, written ---------------------------------------------------------------------
+ * body_response(which, data, set_headers, remove) -> bytes: a serialized ProcessingResponse whose field
+ * ``which`` (3 request_body, 4 response_body) is a BodyResponse replacing the body with ``data`` (clear_body
+ * when empty) and setting (OVERWRITE_IF_EXISTS_OR_ADD) and removing these headers: the bytes
+ * SerializeToString gives, as ext_proc.body_response_py writes them. set_headers: (name, value) pairs, the
+ * name as UTF-8 and the value as latin-1 raw_value (a value outside latin-1 raises UnicodeEncodeError);
+ * remove: names. Field numbers: ProcessingResponse request_body 3 / response_body 4 -> BodyResponse
+ * response 1 -> CommonResponse header_mutation 2, body_mutation 3 -> BodyMutation body 1 | clear_body 2;
+ * HeaderMutation set_headers 1, remove_headers 2; HeaderValueOption header 1, append_action 3;
+ * HeaderValue key 1, raw_value 3. */
+
+static Py_ssize_t varint_len(uint64_t n) {
+    Py_ssize_t k = 1;
+    while (n >= 0x80) {
+        n >>= 7;
+        k++;
+    }
+    return k;
+}
+
+static unsigned char *put_varint(unsigned char *q, uint64_t n) {
+    while (n >= 0x80) {
+        *q++ = (unsigned char)((n & 0x7F) | 0x80);
+        n >>= 7;
+    }
+    *q++ = (unsigned char)n;
+    return q;
+}
+
+/* a length-delimited field with a one-byte tag: its whole size for a payload of n bytes */
+static inline Py_ssize_t field_len(Py_ssize_t n) { return 1 + varint_len((uint64_t)n) + n; }
+
+static unsigned char *put_field(unsigned char *q, unsigned char tag, const char *data, Py_ssize_t n) {
+    *q++ = tag;
+    q = put_varint(q, (uint64_t)n);
+    memcpy(q, data, (size_t)n);
+    return q + n;
+}
+
+typedef struct {
+    const char *key, *value;
+    Py_ssize_t nkey, nvalue, hv, option; /* sizes of HeaderValue and HeaderValueOption */
+    PyObject *owned;                      /* the latin-1 copy of a value that is not stored as one */
+} Header;
+
+#define STACK_HEADERS 16 /* more take a heap array */
+
+static int header_of(PyObject *pair, Header *h) {
+    if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+        PyErr_SetString(PyExc_TypeError, "set_headers must hold (name, value) pairs");
+        return -1;
+    }
+    PyObject *k = PyTuple_GET_ITEM(pair, 0), *v = PyTuple_GET_ITEM(pair, 1);
+    if (!PyUnicode_Check(k) || !PyUnicode_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "header names and values must be str");
+        return -1;
+    }
+    h->owned = NULL;
+    if ((h->key = PyUnicode_AsUTF8AndSize(k, &h->nkey)) == NULL)
+        return -1;
+    if (PyUnicode_IS_ASCII(v)) { /* ASCII: its UTF-8 is its latin-1 */
+        h->value = (const char *)PyUnicode_DATA(v);
+        h->nvalue = PyUnicode_GET_LENGTH(v);
+    } else {
+        if ((h->owned = PyUnicode_AsLatin1String(v)) == NULL)
+            return -1;
+        h->value = PyBytes_AS_STRING(h->owned);
+        h->nvalue = PyBytes_GET_SIZE(h->owned);
+    }
+    /* proto3 leaves an empty string out */
+    h->hv = (h->nkey ? field_len(h->nkey) : 0) + (h->nvalue ? field_len(h->nvalue) : 0);
+    h->option = field_len(h->hv) + 2; /* header (1), append_action (3) = 2 */
+    return 0;
+}
+
+static PyObject *body_response(PyObject *self, PyObject *args) {
+    int which;
+    Py_buffer data;
+    PyObject *set_headers, *remove;
+    if (!PyArg_ParseTuple(args, "iy*OO:body_response", &which, &data, &set_headers, &remove))
+        return NULL;
+    PyObject *out = NULL, *hs = NULL, *rs = NULL;
+    Header stack[STACK_HEADERS], *heads = stack;
+    Py_ssize_t nh = 0, nr = 0, hm = 0; /* hm: HeaderMutation's size */
+    Py_ssize_t mutation, common, total;
+    unsigned char *q;
+    if (which != 3 && which != 4) {
+        PyErr_SetString(PyExc_ValueError, "which must be 3 (request_body) or 4 (response_body)");
+        goto done;
+    }
+    hs = PySequence_Fast(set_headers, "set_headers must be a sequence");
+    rs = hs ? PySequence_Fast(remove, "remove must be a sequence") : NULL;
+    if (rs == NULL)
+        goto done;
+    if (PySequence_Fast_GET_SIZE(hs) > STACK_HEADERS &&
+        (heads = PyMem_New(Header, PySequence_Fast_GET_SIZE(hs))) == NULL) {
+        heads = stack;
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; nh < PySequence_Fast_GET_SIZE(hs); nh++) {
+        if (header_of(PySequence_Fast_GET_ITEM(hs, nh), &heads[nh]) < 0)
+            goto done;
+        hm += field_len(heads[nh].option);
+    }
+    nr = PySequence_Fast_GET_SIZE(rs);
+    for (Py_ssize_t i = 0; i < nr; i++) {
+        PyObject *name = PySequence_Fast_GET_ITEM(rs, i);
+        Py_ssize_t n;
+        if (!PyUnicode_Check(name)) {
+            PyErr_SetString(PyExc_TypeError, "header names must be str");
+            goto done;
+        }
+        if (PyUnicode_AsUTF8AndSize(name, &n) == NULL)
+            goto done;
+        hm += field_len(n);
+    }
+    mutation = data.len ? field_len(data.len) : 2; /* BodyMutation: body (1) | clear_body (2) */
+    common = (nh || nr ? field_len(hm) : 0) + field_len(mutation);
+    total = field_len(field_len(common));
+    if ((out = PyBytes_FromStringAndSize(NULL, total)) == NULL)
+        goto done;
+    q = (unsigned char *)PyBytes_AS_STRING(out);
+    *q++ = (unsigned char)(which << 3 | 2);
+    q = put_varint(q, (uint64_t)field_len(common));
+    *q++ = 0x0a; /* BodyResponse.response (1) */
+    q = put_varint(q, (uint64_t)common);
+    if (nh || nr) {
+        *q++ = 0x12; /* CommonResponse.header_mutation (2) */
+        q = put_varint(q, (uint64_t)hm);
+        for (Py_ssize_t i = 0; i < nh; i++) {
+            Header *h = &heads[i];
+            *q++ = 0x0a; /* set_headers (1) */
+            q = put_varint(q, (uint64_t)h->option);
+            *q++ = 0x0a; /* HeaderValueOption.header (1) */
+            q = put_varint(q, (uint64_t)h->hv);
+            if (h->nkey)
+                q = put_field(q, 0x0a, h->key, h->nkey); /* HeaderValue.key (1) */
+            if (h->nvalue)
+                q = put_field(q, 0x1a, h->value, h->nvalue); /* HeaderValue.raw_value (3) */
+            *q++ = 0x18; /* append_action (3) = OVERWRITE_IF_EXISTS_OR_ADD */
+            *q++ = 0x02;
+        }
+        for (Py_ssize_t i = 0; i < nr; i++) {
+            Py_ssize_t n;
+            const char *name = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(rs, i), &n);
+            q = put_field(q, 0x12, name, n); /* remove_headers (2) */
+        }
+    }
+    *q++ = 0x1a; /* CommonResponse.body_mutation (3) */
+    q = put_varint(q, (uint64_t)mutation);
+    if (data.len) {
+        q = put_field(q, 0x0a, (const char *)data.buf, data.len);
+    } else {
+        *q++ = 0x10; /* clear_body (2) = true */
+        *q++ = 0x01;
+    }
+    if (q != (unsigned char *)PyBytes_AS_STRING(out) + total) { /* cannot happen: the sizes above are the writes */
+        Py_CLEAR(out);
+        PyErr_SetString(PyExc_SystemError, "body_response: size mismatch");
+    }
+done:
+    for (Py_ssize_t i = 0; i < nh; i++)
+        Py_XDECREF(heads[i].owned);
+    if (heads != stack)
+        PyMem_Free(heads);
+    Py_XDECREF(hs);
+    Py_XDECREF(rs);
+    PyBuffer_Release(&data);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"read", read_request, METH_O,
      "read(data) -> (kind, payload, end_of_stream): an ext_proc ProcessingRequest's oneof field number, its "
      "headers (dict) or body (bytes), and its end_of_stream flag"},
+    {"body_response", body_response, METH_VARARGS,
+     "body_response(which, data, set_headers, remove) -> bytes: a serialized ProcessingResponse replacing the "
+     "request (3) or response (4) body with data and changing these headers"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_wire",
-                                    "Envoy ext_proc ProcessingRequest reader (see server_plugins/envoy/_wire.c).",
+                                    "Envoy ext_proc ProcessingRequest reader and body response writer (see server_plugins/envoy/_wire.c).",
                                     -1, methods};
 
 PyMODINIT_FUNC PyInit__wire(void) { return PyModule_Create(&module); }

@@ -1,5 +1,7 @@
 """The C reader of Envoy's ext_proc messages (_wire) against protobuf's parser (read_request_pb): the same
-answer for any ProcessingRequest, merged and unknown fields included, and an error wherever protobuf has one."""
+answer for any ProcessingRequest, merged and unknown fields included, and an error wherever protobuf has one.
+And the C writer of the body responses (_wire.body_response) against protobuf's serializer and the Python
+writer (body_response_py)."""
 
 from __future__ import annotations
 
@@ -157,3 +159,65 @@ def test_bad_input_is_a_clear_error():
 
 def test_the_servicer_reads_with_the_c_reader():
     assert ext_proc.read_request is _wire.read
+
+
+# -- the body responses, written --------------------------------------------------------------------
+latin1 = st.text(st.characters(max_codepoint=0xFF), max_size=40)
+set_headers = st.lists(st.tuples(st.text(max_size=30), latin1), max_size=6).map(tuple)
+removes = st.lists(st.text(max_size=20), max_size=4).map(tuple)
+
+
+def protobuf_body_response(which: int, data: bytes, set_headers, remove) -> pb.ProcessingResponse:
+    over = pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    common = pb.CommonResponse(body_mutation=pb.BodyMutation(body=data) if data else pb.BodyMutation(clear_body=True))
+    if set_headers or remove:
+        common.header_mutation.CopyFrom(pb.HeaderMutation(
+            set_headers=[pb.HeaderValueOption(header=pb.HeaderValue(key=k, raw_value=v.encode("latin-1")),
+                                              append_action=over) for k, v in set_headers],
+            remove_headers=list(remove)))
+    body = pb.BodyResponse(response=common)
+    return pb.ProcessingResponse(**{"request_body" if which == ext_proc.REQUEST_BODY else "response_body": body})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from([ext_proc.REQUEST_BODY, ext_proc.RESPONSE_BODY]),
+       st.one_of(st.binary(max_size=300), st.integers(0, 3).map(lambda n: bytes(range(256)) * (70 * n))),
+       set_headers, removes)
+def test_body_response_writes_protobufs_bytes(which, data, headers, remove):
+    got = _wire.body_response(which, data, headers, remove)
+    want = protobuf_body_response(which, data, headers, remove)
+    assert got == want.SerializeToString()
+    assert got == ext_proc.body_response_py(which, data, headers, remove)
+    assert pb.ProcessingResponse.FromString(got) == want
+
+
+def test_body_response_takes_any_buffer_and_sequence():
+    want = ext_proc.body_response_py(4, b"abc", (("content-length", "3"),), ("etag",))
+    assert _wire.body_response(4, bytearray(b"abc"), [("content-length", "3")], ["etag"]) == want
+    assert _wire.body_response(4, memoryview(b"abc"), (("content-length", "3"),), ("etag",)) == want
+    many = tuple((f"x-h{i}", "\u00e9" * i) for i in range(40))  # past the writer's stack array
+    assert _wire.body_response(3, b"", many, ()) == ext_proc.body_response_py(3, b"", many, ())
+    with pytest.raises(UnicodeEncodeError):  # a failure late in a long list frees what came before
+        _wire.body_response(3, b"", (*many, ("x-k", "\u20ac")), ())
+
+
+@pytest.mark.parametrize(("args", "error", "words"), [
+    ((5, b"", (), ()), ValueError, "which must be 3"),
+    ((3, "text", (), ()), TypeError, "bytes-like"),
+    ((3, b"", (("a", "b", "c"),), ()), TypeError, "pairs"),
+    ((3, b"", (("a", 1),), ()), TypeError, "must be str"),
+    ((3, b"", ("ab",), ()), TypeError, "pairs"),
+    ((3, b"", (), (b"etag",)), TypeError, "must be str"),
+    ((3, b"", None, ()), TypeError, "sequence"),
+    ((3, b"", (), None), TypeError, "sequence"),
+    ((3, b"", (("x-k", "\u20ac"),), ()), UnicodeEncodeError, "latin-1"),
+    ((3, b"", (("x-\ud800", "v"),), ()), UnicodeEncodeError, "utf-8"),
+])
+def test_body_response_refuses_what_it_cannot_write(args, error, words):
+    with pytest.raises(error, match=words):
+        _wire.body_response(*args)
+
+
+def test_a_value_outside_latin1_fails_in_both_writers():
+    with pytest.raises(UnicodeEncodeError):
+        ext_proc.body_response_py(3, b"", (("x-k", "\u20ac"),), ())
