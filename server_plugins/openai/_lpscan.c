@@ -439,8 +439,14 @@ static int quick_double(const uint8_t *p, const uint8_t *end, double *out) {
     if (exp10 < -27 || exp10 > 27) return 0;
     long double r = (long double)m;
     r = exp10 < 0 ? r / POW10L[-exp10] : r * POW10L[exp10];
+    uint64_t bits;
+#if defined(__x86_64__) || defined(__i386__)
+    /* x87 extended: the 64-bit significand (explicit integer bit) is the first 8 bytes; r is normal here */
+    memcpy(&bits, &r, sizeof bits);
+#else
     int e2;
-    uint64_t bits = (uint64_t)ldexpl(frexpl(r, &e2), 64);
+    bits = (uint64_t)ldexpl(frexpl(r, &e2), 64);
+#endif
     unsigned low = (unsigned)(bits & 0x7FF);
     if (low >= 0x3FF && low <= 0x401) return 0;
     double d = (double)r;
@@ -1017,9 +1023,44 @@ typedef struct {
     double value;
 } Edit;
 
-static int by_start(const void *a, const void *b) {
-    Py_ssize_t x = ((const Edit *)a)->span.start, y = ((const Edit *)b)->span.start;
-    return (x > y) - (x < y);
+/* The edits in document order. They come as a few runs already in order (each segment's spans are; a
+ * completion's sampled values come before its alternatives in the document), so a natural merge sort
+ * (merge neighbouring runs until one is left) does it in a pass or two, where qsort's comparator calls cost
+ * more than writing the numbers. Returns the sorted array (*edits or a new one, the other freed), NULL on
+ * no memory. */
+static Edit *in_order(Edit *edits, Py_ssize_t n) {
+    Py_ssize_t i = 1;
+    while (i < n && edits[i - 1].span.start <= edits[i].span.start) i++;
+    if (i >= n) return edits;
+    Edit *a = edits, *b = PyMem_Malloc((size_t)n * sizeof(Edit));
+    if (b == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (;;) {
+        Py_ssize_t runs = 0, lo = 0;
+        while (lo < n) { /* merge the run at lo with the next one into b */
+            Py_ssize_t mid = lo + 1;
+            while (mid < n && a[mid - 1].span.start <= a[mid].span.start) mid++;
+            Py_ssize_t hi = mid;
+            if (hi < n) {
+                hi++;
+                while (hi < n && a[hi - 1].span.start <= a[hi].span.start) hi++;
+            }
+            Py_ssize_t x = lo, y = mid, k = lo;
+            while (x < mid && y < hi) b[k++] = a[y].span.start < a[x].span.start ? a[y++] : a[x++];
+            while (x < mid) b[k++] = a[x++];
+            while (y < hi) b[k++] = a[y++];
+            runs++;
+            lo = hi;
+        }
+        Edit *t = a;
+        a = b;
+        b = t;
+        if (runs == 1) break;
+    }
+    PyMem_Free(b); /* the other buffer: the caller's edits or the scratch one */
+    return a;
 }
 
 /* one protected value as logprobs._json_floats and the encoder write it: NaN and +inf as null (no JSON
@@ -1110,7 +1151,11 @@ static PyObject *splice(PyObject *self, PyObject *args) {
         }
         PyBuffer_Release(&vals);
     }
-    if (n > 1) qsort(edits, (size_t)n, sizeof(Edit), by_start);
+    if (n > 1) {
+        Edit *sorted = in_order(edits, n);
+        if (sorted == NULL) goto out;
+        edits = sorted;
+    }
     /* write_number writes at most 32 characters */
     Py_ssize_t cap_out = data.len + n * 32;
     out = PyMem_Malloc((size_t)cap_out);

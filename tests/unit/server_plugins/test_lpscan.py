@@ -139,6 +139,37 @@ def test_key_edges(text):
         assert key == int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+# -- numbers --------------------------------------------------------------------------------------------
+decimals = st.builds(
+    lambda neg, digits, point, exp: ("-" if neg else "") + (digits[:point].lstrip("0") or "0") + "."
+    + (digits[point:] or "0")
+    + (f"e{exp}" if exp is not None else ""),
+    st.booleans(), st.text("0123456789", min_size=1, max_size=21), st.integers(0, 21),
+    st.one_of(st.none(), st.integers(-40, 40)))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(st.floats(allow_nan=False, allow_infinity=False).map(repr), decimals,
+                 st.floats(-30, 0).map(lambda x: f"{x:.{len(repr(x)) % 9 + 4}f}")))
+def test_quick_numbers_are_correctly_rounded(text):
+    # the scanner's fast path (digits as an integer, one extended-precision scaling) gives float()'s double
+    # exactly, or declines (None) and leaves the number to the slow path
+    got = _lpscan.number(text.encode())
+    if got is not None:
+        assert got == float(text) and math.copysign(1, got) == math.copysign(1, float(text)), text
+
+
+@pytest.mark.parametrize("text", [
+    "9007199254740993", "0.1", "-0.916291", "1.7976931348623157e308", "5e-324", "-9999.0", "0.30000000000000004",
+    # halfway between two doubles, and one digit either side of it
+    "9007199254740993.0", "9007199254740992.9999999", "9007199254740993.0000001", "2.00000000000000011102230246251565",
+    "1e23", "8.98846567431158e307", "4.9406564584124654e-324", "-1.2345678901234567e-12",
+])
+def test_quick_number_edges(text):
+    got = _lpscan.number(text.encode())
+    assert got is None or got == float(text)
+
+
 # -- reading ----------------------------------------------------------------------------------------------
 def test_reads_the_bench_answer_and_the_test_answers():
     rng = np.random.default_rng(0)
@@ -378,6 +409,29 @@ def test_splice_refuses_spans_that_do_not_fit():
                             (ok, [(0, np.array([-0.25, -0.5]))])):
         with pytest.raises(ValueError):
             _lpscan.splice(body, spans, segments)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=40), st.randoms(use_true_random=False))
+def test_splice_puts_edits_in_document_order_whatever_order_they_come_in(widths, rnd):
+    # numbers of random widths; the spans handed over in shuffled segments (runs in and out of order), as a
+    # completion's sampled values come after its alternatives in the segments but before them in the body
+    import struct
+
+    parts, spans, at = [], [], 0
+    for w in widths:
+        text = "-" + "1" * w
+        parts.append(text)
+        spans.append((at, at + len(text)))
+        at += len(text) + 1
+    body = ",".join(parts).encode()
+    packed = b"".join(struct.pack("<2q", a, b) for a, b in spans)
+    values = -np.arange(1, len(spans) + 1, dtype=np.float64) / 4
+    cuts = sorted({0, len(spans), *(rnd.randrange(len(spans) + 1) for _ in range(rnd.randrange(5)))})
+    segments = [(a, values[a:b]) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+    rnd.shuffle(segments)
+    got = _lpscan.splice(body, packed, segments).decode().split(",")
+    assert [float(x) for x in got] == list(values)
 
 
 @pytest.mark.parametrize("chat", [False, True])
