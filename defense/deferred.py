@@ -1,4 +1,6 @@
-"""Bookkeeping that must happen soon, but never before an answer is on its way: settles.
+"""Bookkeeping that must happen soon, but never before an answer is on its way: settles, and the chain's
+metrics and ledger records (its ``bookkeeping``), which the servers queue here too, so that one loop
+callback runs all that a turn queued.
 
 A settle is a budget store write (a sqlite statement, a Redis round trip): the slowest step of a request
 after the model itself. A front ``add``s the settle as it hands the last of the answer back; the event loop

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from .. import __version__
 from ..config import LoadedConfig, ServerSettings, check_listen_address, load_config
-from ..deferred import Deferred, soon
+from ..deferred import Deferred
 from ..errors import ConfigError
 from ..metrics import Metrics
 from ..runtime import build_runtime, keys_path, load_keys
@@ -113,12 +113,14 @@ class Sidecar:
         self.metrics.build_info.labels(__version__).set(1)
         loaded = load_config(config_path)
         self.settings = self._settings(loaded)
+        # the ext_proc front's settles and the chain's metrics and ledger records (bookkeeping): one queue, run
+        # on the loop's next turn (one callback for what a turn queued), drained at shutdown
+        self.deferred = Deferred()
         self.holder = RuntimeHolder(build_runtime(loaded=loaded, keys=load_keys(loaded), metrics=self.metrics,
-                                                bookkeeping=soon))
+                                                bookkeeping=self.deferred.add))
         self._stamp = self._file_stamp(loaded)
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
-        self.deferred = Deferred()  # the ext_proc front's settles, drained at shutdown
         self.addresses: list[str] = []
         self.metrics_port: int | None = None
         self._http = None
@@ -152,7 +154,7 @@ class Sidecar:
                 log.warning("server settings changed in %s; they apply at the next restart", self.config_path)
             old = self.holder.runtime
             self.holder.runtime = build_runtime(loaded=loaded, keys=load_keys(loaded), metrics=self.metrics,
-                                                ledger=old.chain.ledger, bookkeeping=soon)
+                                                ledger=old.chain.ledger, bookkeeping=self.deferred.add)
             self._stamp = stamp
         except Exception as e:  # noqa: BLE001 - any failure keeps the last good config
             self.metrics.config_reloads.labels("failure").inc()

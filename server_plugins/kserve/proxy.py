@@ -117,7 +117,8 @@ def _structure(request: Any) -> tuple[Any, ...]:
 class KServeProxy:
     """Handlers for one upstream; the chain comes from ``holder`` at each call, so a reload takes effect."""
 
-    def __init__(self, settings: ProxySettings, holder: RuntimeHolder, *, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(self, settings: ProxySettings, holder: RuntimeHolder, *, clock: Clock = SYSTEM_CLOCK,
+                 deferred: Deferred | None = None) -> None:
         self.settings = settings
         self.holder = holder
         self.clock = clock
@@ -139,8 +140,9 @@ class KServeProxy:
         self._admitted: dict[str, int] = {}
         self._early_used = m.upstream_early.labels("kserve", "used")
         self._early_cancelled = m.upstream_early.labels("kserve", "cancelled")
-        # settles of answered requests, run on the loop's next turn once the call is over (defense.deferred)
-        self.deferred = Deferred()
+        # settles of answered requests, run on the loop's next turn once the call is over (defense.deferred);
+        # the server hands the chain's bookkeeping the same queue, so one loop callback runs both
+        self.deferred = deferred if deferred is not None else Deferred()
         self._plans: dict[tuple[Any, ...], _Plan] = {}  # by request structure (_structure)
         self._out_plans: dict[tuple[Any, ...], tuple[ModelSpec, tuple[_Out, ...]]] = {}  # see _outputs
         self._reads: tuple[DefenseChain | None, bool] = (None, False)  # does the chain read input values

@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from defense import __version__
 from defense.config import check_listen_address, load_config
-from defense.deferred import soon
+from defense.deferred import Deferred
 from defense.errors import ConfigError
 from defense.metrics import Metrics
 from defense.runtime import build_runtime, load_keys
@@ -64,9 +64,12 @@ class ProxyServer:
         self.metrics = Metrics()
         self.metrics.build_info.labels(__version__).set(1)
         loaded = load_config(config_path)
+        # settles, and the chain's metrics and ledger records (bookkeeping): one queue, run on the loop's next
+        # turn, drained at shutdown
+        self.deferred = Deferred()
         self.holder = RuntimeHolder(build_runtime(loaded=loaded, keys=load_keys(loaded), metrics=self.metrics,
-                                                bookkeeping=soon))
-        self.proxy = KServeProxy(settings, self.holder)
+                                                bookkeeping=self.deferred.add))
+        self.proxy = KServeProxy(settings, self.holder, deferred=self.deferred)
         self._stop = asyncio.Event()
         self.addresses: list[str] = []
         self.metrics_port: int | None = None
@@ -76,7 +79,7 @@ class ProxyServer:
             loaded = load_config(self.config_path)
             old = self.holder.runtime
             self.holder.runtime = build_runtime(loaded=loaded, keys=load_keys(loaded), metrics=self.metrics,
-                                                ledger=old.chain.ledger, bookkeeping=soon)
+                                                ledger=old.chain.ledger, bookkeeping=self.deferred.add)
         except Exception as e:  # noqa: BLE001 - any failure keeps the running chain
             self.metrics.config_reloads.labels("failure").inc()
             log.error("config reload failed, keeping the running config: %s", e)
