@@ -260,8 +260,8 @@ class DefenseChain:
         self.ledger = ledger if ledger is not None else AdmissionLedger()
         # where an Admit's bookkeeping runs once its decision is made (metrics, the ledger's record), and a
         # Protect's (its timers and changed-value counters): None
-        # runs it inline; a host serving on an event loop passes defense.deferred.soon, which runs it on the
-        # loop's next turn, after the answer is handed over (a retried Admit that races it is admitted
+        # runs it inline; a host serving on an event loop passes defense.deferred.soon or a Deferred's add,
+        # which run it on the loop's next turn, after the answer is handed over (a retried Admit that races it is admitted
         # again, which the budget store absorbs: its reservations are idempotent on the request id)
         self.bookkeeping = bookkeeping
         # label children bound once: a labels() lookup per call would cost more than a cheap defense
@@ -281,6 +281,7 @@ class DefenseChain:
         self._settling = frozenset(i for i, e in self.admission
                                    if type(e.defense).settle is not AdmissionDefense.settle)
         self._rewrite_counters: dict[tuple[str, str], Any] = {}
+        self._changed_counters: dict[str, Any] = {}  # values_changed by defense, bound at first use
         self._fields_seen: dict[int, tuple[Rewrites, list[str]]] = {}
         self._closed = False
 
@@ -535,7 +536,10 @@ class DefenseChain:
             if step.mode is Mode.SHADOW:
                 self.metrics.shadow_effects.labels(step.defense, "protect").inc()
             else:
-                self.metrics.values_changed.labels(step.defense).inc(changed)
+                c = self._changed_counters.get(step.defense)
+                if c is None:
+                    c = self._changed_counters[step.defense] = self.metrics.values_changed.labels(step.defense)
+                c.inc(changed)
 
     # -- sampling -------------------------------------------------------------------------------
     def process_logits(

@@ -402,13 +402,17 @@ class LogprobBatch:
 
     def with_values(self, values: np.ndarray, sampled_values: np.ndarray | None) -> LogprobBatch:
         """This batch with new values of the same shape (a defense's output): no re-validation."""
-        out = object.__new__(LogprobBatch)
-        for name in LogprobBatch.__slots__:
-            object.__setattr__(out, name, getattr(self, name))
         if values.shape != self.values.shape:
             raise ValueError(f"with_values: shape {values.shape} != {self.values.shape}")
-        object.__setattr__(out, "values", values)
-        object.__setattr__(out, "sampled_values", sampled_values)
+        out = _new(LogprobBatch)
+        _set(out, "values", values)
+        _set(out, "token_ids", self.token_ids)
+        _set(out, "kind", self.kind)
+        _set(out, "sampled_token_ids", self.sampled_token_ids)
+        _set(out, "sampled_values", sampled_values)
+        _set(out, "temperature", self.temperature)
+        _set(out, "logprobs_mode", self.logprobs_mode)
+        _set(out, "position_offset", self.position_offset)
         return out
 
     @property

@@ -335,3 +335,21 @@ def test_settle_skips_stateless_admission_defenses_and_counts_once(clock, metric
     assert not sample(metrics, seconds, defense="rules", stage="settle")
     assert sample(metrics, "distillguard_settles_total", status="ok", duplicate="false") == 1
     assert sample(metrics, "distillguard_settles_total", status="ok", duplicate="true") == 1
+
+
+def test_with_values_keeps_every_other_field():
+    import dataclasses
+
+    from defense.types import LogprobsMode
+
+    b = LogprobBatch(values=np.log(np.full((2, 3), 0.2, dtype=np.float32)), token_ids=np.arange(6).reshape(2, 3),
+                     kind=OutputKind.TOP_LOGPROBS, sampled_token_ids=np.array([0, 4]),
+                     sampled_values=np.array([-1.0, -2.0], dtype=np.float32), temperature=0.7,
+                     logprobs_mode=LogprobsMode.PROCESSED, position_offset=5)
+    new_values, new_sampled = b.values - 0.5, np.array([-1.5, -2.5], dtype=np.float32)
+    out = b.with_values(new_values, new_sampled)
+    for f in dataclasses.fields(LogprobBatch):  # a field added later must be carried too
+        want = {"values": new_values, "sampled_values": new_sampled}.get(f.name, getattr(b, f.name))
+        assert getattr(out, f.name) is want, f.name
+    with pytest.raises(ValueError, match="shape"):
+        b.with_values(new_values[:1], None)
