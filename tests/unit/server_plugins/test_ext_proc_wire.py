@@ -9,6 +9,7 @@ import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.ext_proc import protobuf_body_response
 
 from server_plugins.envoy import ext_proc
 from server_plugins.envoy._proto import ext_proc_pb2 as pb
@@ -165,18 +166,6 @@ def test_the_servicer_reads_with_the_c_reader():
 latin1 = st.text(st.characters(max_codepoint=0xFF), max_size=40)
 set_headers = st.lists(st.tuples(st.text(max_size=30), latin1), max_size=6).map(tuple)
 removes = st.lists(st.text(max_size=20), max_size=4).map(tuple)
-
-
-def protobuf_body_response(which: int, data: bytes, set_headers, remove) -> pb.ProcessingResponse:
-    over = pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-    common = pb.CommonResponse(body_mutation=pb.BodyMutation(body=data) if data else pb.BodyMutation(clear_body=True))
-    if set_headers or remove:
-        common.header_mutation.CopyFrom(pb.HeaderMutation(
-            set_headers=[pb.HeaderValueOption(header=pb.HeaderValue(key=k, raw_value=v.encode("latin-1")),
-                                              append_action=over) for k, v in set_headers],
-            remove_headers=list(remove)))
-    body = pb.BodyResponse(response=common)
-    return pb.ProcessingResponse(**{"request_body" if which == ext_proc.REQUEST_BODY else "response_body": body})
 
 
 @settings(max_examples=400, deadline=None)

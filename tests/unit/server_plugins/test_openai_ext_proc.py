@@ -7,6 +7,7 @@ import json
 
 import pytest
 from support import defenses as recorder
+from support.ext_proc import protobuf_body_response
 from support.openai_answers import AUTH, completion_answer, completion_stream, make_runtime, req
 
 from defense.types import SettleStatus
@@ -194,15 +195,7 @@ def test_a_complete_answer_settles_even_when_the_stream_is_closed_at_its_last_yi
                                      ((("x-long", "v" * 300), ("k" * 130, ""), ("accept-encoding", "")), ())])
 def test_body_responses_are_the_bytes_protobuf_writes(which, data, headers):
     set_headers, remove = headers
-    over = pb.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-    common = pb.CommonResponse(body_mutation=pb.BodyMutation(body=data) if data else pb.BodyMutation(clear_body=True))
-    if set_headers or remove:
-        common.header_mutation.CopyFrom(pb.HeaderMutation(
-            set_headers=[pb.HeaderValueOption(header=pb.HeaderValue(key=k, raw_value=v.encode("latin-1")),
-                                              append_action=over) for k, v in set_headers],
-            remove_headers=list(remove)))
-    body = pb.BodyResponse(response=common)
-    want = pb.ProcessingResponse(**{"request_body" if which == REQUEST_BODY else "response_body": body})
+    want = protobuf_body_response(which, data, set_headers, remove)
     got = body_response(which, data, set_headers=set_headers, remove=remove)
     assert got == want.SerializeToString()
     assert pb.ProcessingResponse.FromString(got) == want
