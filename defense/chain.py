@@ -259,10 +259,10 @@ class DefenseChain:
         # shared across config reloads so a retried Admit or Settle stays idempotent through a reload
         self.ledger = ledger if ledger is not None else AdmissionLedger()
         # where an Admit's bookkeeping runs once its decision is made (metrics, the ledger's record), and a
-        # Protect's (its timers and changed-value counters): None
-        # runs it inline; a host serving on an event loop passes defense.deferred.soon or a Deferred's add,
-        # which run it on the loop's next turn, after the answer is handed over (a retried Admit that races it is admitted
-        # again, which the budget store absorbs: its reservations are idempotent on the request id)
+        # Protect's (its timers and changed-value counters): None runs it inline; a host serving on an event
+        # loop passes defense.deferred.soon or a Deferred's add, which run it on the loop's next turn, after
+        # the answer is handed over (a retried Admit that races it is admitted again, which the budget store
+        # absorbs: its reservations are idempotent on the request id)
         self.bookkeeping = bookkeeping
         # label children bound once: a labels() lookup per call would cost more than a cheap defense
         m = self.metrics

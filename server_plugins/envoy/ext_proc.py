@@ -108,8 +108,9 @@ def immediate(reply: Reply, details: str = "distillguard") -> pb.ProcessingRespo
 # rather than built as message objects and serialized: the same bytes (tests hold them to
 # SerializeToString), for a tenth of the cost in Python and less again in C (``_wire.body_response``).
 # Field numbers from ext_proc.proto: ProcessingResponse request_body 3 / response_body 4 -> BodyResponse
-# response 1 -> CommonResponse header_mutation 2, body_mutation 3 -> BodyMutation body 1 | clear_body 2; HeaderMutation set_headers 1, remove_headers 2;
-# HeaderValueOption header 1, append_action 3; HeaderValue key 1, raw_value 3.
+# response 1 -> CommonResponse header_mutation 2, body_mutation 3 -> BodyMutation body 1 | clear_body 2;
+# HeaderMutation set_headers 1, remove_headers 2; HeaderValueOption header 1, append_action 3; HeaderValue
+# key 1, raw_value 3.
 REQUEST_BODY, RESPONSE_BODY = 3, 4
 _OVERWRITE = b"\x18\x02"  # append_action (field 3, varint) = OVERWRITE_IF_EXISTS_OR_ADD
 _CLEAR_BODY = b"\x10\x01"  # clear_body (field 2, varint) = true
