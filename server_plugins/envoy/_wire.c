@@ -472,7 +472,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_wire",
-                                    "Envoy ext_proc ProcessingRequest reader and body response writer (see server_plugins/envoy/_wire.c).",
+                                    "Envoy ext_proc ProcessingRequest reader and body response writer "
+                                    "(see server_plugins/envoy/_wire.c).",
                                     -1, methods};
 
 PyMODINIT_FUNC PyInit__wire(void) { return PyModule_Create(&module); }

@@ -255,7 +255,8 @@ class ExtProcServicer:
                     if ex is None or plan is None or plan.mode == "pass":
                         answer = pb.ProcessingResponse(response_body=pb.BodyResponse())
                     elif plan.mode == "stream":
-                        answer = _write_body(RESPONSE_BODY, ex.response_chunk(payload, end), (), ())  # type: ignore[arg-type]
+                        chunk = ex.response_chunk(payload, end)  # type: ignore[arg-type]
+                        answer = _write_body(RESPONSE_BODY, chunk, (), ())
                     else:
                         result = ex.response_body(payload)  # type: ignore[arg-type]
                         if isinstance(result, Reply):
