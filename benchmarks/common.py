@@ -48,3 +48,33 @@ def record(name: str, result: dict, summary: str) -> Path:
     with open(ROOT / "benchmarks" / "results.md", "a") as f:
         f.write(f"- {datetime.now(UTC):%Y-%m-%d %H:%M} UTC `{name}`: {summary}\n")
     return path
+
+
+def p50_ratio_interval(lat: dict[str, list[float]], block: int, over: tuple[str, str], under: tuple[str, str], *,
+                       resamples: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """A 95% interval for (p50[over[0]] - p50[over[1]]) / (p50[under[0]] - p50[under[1]]), the targets' ratio
+    of added latencies, by resampling the run's rounds.
+
+    A run measures its paths in rounds, one block of ``block`` calls to each path in turn, so the k-th block
+    of every path shares the k-th stretch of the machine's weather; a resample draws rounds with replacement
+    and takes every path's blocks of those rounds together. The p50 is the benches' own (the sorted value
+    at index int(n / 2)). None when there are fewer than two rounds, or a resample's denominator is not
+    positive in over 1% of draws (the ratio is then not defined enough to bound)."""
+    import numpy as np
+
+    names = sorted({*over, *under})
+    rounds = min(len(lat[n]) for n in names) // block
+    if rounds < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    arr = {n: np.asarray(lat[n][:rounds * block]).reshape(rounds, block) for n in names}
+    picks = rng.integers(0, rounds, size=(resamples, rounds))
+    mid = rounds * block // 2
+    p50 = {n: np.partition(arr[n][picks].reshape(resamples, -1), mid, axis=1)[:, mid] for n in names}
+    den = p50[under[0]] - p50[under[1]]
+    ok = den > 0
+    if ok.mean() < 0.99:
+        return None
+    ratio = (p50[over[0]][ok] - p50[over[1]][ok]) / den[ok]
+    lo, hi = np.quantile(ratio, [0.025, 0.975])
+    return round(float(lo), 3), round(float(hi), 3)

