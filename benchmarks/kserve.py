@@ -38,7 +38,7 @@ from common import cpu_ms_per_call, cpu_seconds, p50_ratio_interval  # noqa: E40
 
 SERVICE = "inference.GRPCInferenceService"
 TARGET_FACTOR = 1.5
-BLOCK = 250  # calls to one path before the next path's turn
+BLOCK = 100  # calls to one path before the next path's turn: 20 rounds in a run of 2000
 
 
 def serve_passthrough(upstream: str) -> None:
@@ -111,7 +111,7 @@ def _start(cmd: list[str], env: dict[str, str], ready: str, log: Path) -> tuple[
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calls", type=int, default=1500, help="sequential calls per path")
+    ap.add_argument("--calls", type=int, default=2000, help="sequential calls per path")
     ap.add_argument("--no-record", action="store_true", help="print only; write no results")
     ap.add_argument("--serve-passthrough", metavar="UPSTREAM", help=argparse.SUPPRESS)
     args = ap.parse_args()
