@@ -114,5 +114,10 @@ class ResponseDefense(Defense):
         counts them itself on None)."""
         return self.apply(batch, ctx), None
 
+    def prime(self, ctx: RequestContext) -> None:
+        """Work ``apply`` needs that depends on the request alone (a keyed seed), done ahead: fronts call the
+        chain's ``prime`` while the model computes the answer, so its protect is shorter. Optional; a
+        failure here is ignored (``apply`` meets it again, under the chain's failure policy)."""
+
 
 DEFENSE_KINDS: tuple[type[Defense], ...] = (AdmissionDefense, SamplingDefense, ResponseDefense)

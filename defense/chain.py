@@ -491,6 +491,16 @@ class DefenseChain:
             raise failure
 
     # -- response -------------------------------------------------------------------------------
+    def prime(self, ctx: RequestContext) -> None:
+        """Let the response defenses do ahead what depends on the request alone (``ResponseDefense.prime``):
+        a front calls this once the request is on its way upstream, with the admitted context. Errors are
+        left for ``protect``, where each defense's failure policy decides."""
+        for _, e in self.response:
+            try:
+                e.defense.prime(ctx)  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001, S110 - protect meets it again and counts it there
+                pass
+
     def protect(self, batch: LogprobBatch, ctx: RequestContext) -> Protected:
         """Fold the response defenses over what the engine returned, in config order."""
         check_values(batch)

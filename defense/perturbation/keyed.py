@@ -66,6 +66,10 @@ class KeyedNoise(LogitShift):
             s = self._seeds[(model, digest)] = prf.key_seed(self._key, model.encode(), digest)
         return s
 
+    def prime(self, ctx: RequestContext) -> None:
+        if ctx.context_digest:
+            self.seed(ctx.model, ctx.context_digest)  # cached for the answer's apply
+
     def delta(self, batch: LogprobBatch, ctx: RequestContext, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
         h = prf.hash_combine(self.seed(ctx.model, ctx.context_digest), rows + batch.position_offset, ids)
         return prf.normal(h) * (self.params.sigma * self.strength(ctx))

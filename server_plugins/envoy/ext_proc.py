@@ -225,6 +225,7 @@ class ExtProcServicer:
                     out = ex.request(payload)  # type: ignore[arg-type]
                     if isinstance(out, Forward):
                         yield _write_body(REQUEST_BODY, out.body, out.set_headers, out.remove_headers)
+                        ex.forwarded()  # resumed once the answer is written: the engine works meanwhile
                     else:
                         yield immediate(out)
                 elif kind == GOT_RESPONSE_HEADERS:

@@ -348,6 +348,12 @@ class KServeProxy:
             self._remember(client, adm.allowed)
         if not adm.allowed:
             raise refusal(adm, chain)
+        if plan.logprobs:  # the response defenses' keyed seeds, ahead of the answer (Triton may be at work)
+            if rows is None:
+                chain.prime(adm.ctx)
+            else:
+                for digest in rows:
+                    chain.prime(evolve(adm.ctx, context_digest=digest))
         if plan.withheld or upstream_id is not None:
             # Triton need not compute what is never returned; a stream's requests get unique ids upstream
             up = pb.ModelInferRequest()

@@ -207,6 +207,12 @@ class Exchange:
                              ("accept-encoding", _engine_encodings(self.headers.get("accept-encoding", ""))),
                              (RID_HEADER, self.request_id)))
 
+    def forwarded(self) -> None:
+        """The admitted request is on its way upstream: what the answer's protect needs that depends on the
+        request alone (the keyed seeds) is done now, while the engine works, not once its answer is back."""
+        if self.adm is not None and self.adm.ctx.wants_logprobs:
+            self.rt.chain.prime(self.adm.ctx)
+
     def prepare(self) -> None:
         """Work the request body does not change, done ahead: the client's identity and the profile signed
         for an unchanged strength. A front with a wait between headers and body (Envoy's ext_proc, once it

@@ -88,6 +88,7 @@ class DistillGuardMiddleware:
         if not isinstance(out, Forward):
             await _send_reply(send, out)
             return
+        ex.forwarded()
         await self._forward(scope, receive, send, ex, out)
 
     @staticmethod

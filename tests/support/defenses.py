@@ -79,6 +79,11 @@ class Shift(ResponseDefense):
         p[:, 1] += moved
         return replace(batch, values=np.log(p).astype(np.float32))
 
+    def prime(self, ctx: RequestContext) -> None:
+        CALLS.append((self.params.tag, "prime"))
+        if self.params.fail:
+            raise RuntimeError("shift asked to fail")
+
 
 class NotADefense:
     Params = RecorderParams

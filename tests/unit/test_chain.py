@@ -353,3 +353,14 @@ def test_with_values_keeps_every_other_field():
         assert getattr(out, f.name) is want, f.name
     with pytest.raises(ValueError, match="shape"):
         b.with_values(new_values[:1], None)
+
+
+def test_prime_asks_live_response_defenses_in_order_and_leaves_errors_to_protect(clock, metrics):
+    chain = DefenseChain([rec("a"), shift("s1"), shift("off", mode=Mode.OFF),
+                          shift("s2", fail=True, on_error=OnError.FAIL_CLOSED)], metrics=metrics, clock=clock)
+    chain.prime(ctx())  # s2's failure is not raised here, nor counted
+    assert sd.CALLS == [("s1", "prime"), ("s2", "prime")]
+    assert sample(metrics, "distillguard_defense_errors_total", defense="s2", stage="protect", policy="fail_closed") == 0
+    with pytest.raises(DefenseFailure):  # protect meets it again, under the defense's policy
+        chain.protect(batch(), ctx())
+    assert sample(metrics, "distillguard_defense_errors_total", defense="s2", stage="protect", policy="fail_closed") == 1

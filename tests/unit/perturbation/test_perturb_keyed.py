@@ -127,6 +127,17 @@ def test_processed_logprobs_get_noise_over_temperature():
     np.testing.assert_allclose((r - r.mean(1, keepdims=True)) / 2, h - h.mean(1, keepdims=True), atol=2e-3)
 
 
+def test_prime_computes_the_seed_ahead_and_changes_nothing():
+    digest = bytes(range(32))
+    b = topk_batch(np.random.default_rng(3).normal(size=(4, 20)), 5)
+    fresh = KeyedNoise(KeyedNoiseParams(sigma=1.0), deps=Deps(keys=KEYS[0]))
+    fresh.prime(ctx(b""))  # nothing to key by yet: no seed, no error (apply says why)
+    assert fresh._seeds == {}
+    fresh.prime(ctx(digest))
+    assert list(fresh._seeds) == [("tiny", digest)]
+    assert np.array_equal(fresh.apply(b, ctx(digest)).values, DEF.apply(b, ctx(digest)).values)
+
+
 def test_missing_digest_is_an_error():
     b = topk_batch(np.zeros((1, 5)), 2)
     with pytest.raises(InvalidInput, match="context digest"):

@@ -474,3 +474,29 @@ def test_early_calls_in_flight_are_capped_per_client():
 
     _, metrics = early_forwarding(steps, early_forward_max_in_flight=2)
     assert _early(metrics, "used") == 2  # the other two were admitted first
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_the_keyed_seeds_are_primed_before_the_answer_comes(batched):
+    """Admission primes the response defenses (each batch row's own digest), so the answer's protect finds
+    its keyed seeds computed; the noise is the same as without priming."""
+    events: list[tuple[str, bytes]] = []
+    noise: list[Any] = []
+
+    def spy(proxy):
+        chain = proxy.holder.runtime.chain
+        noise.append(chain.response[0][1].defense)
+        prime, protect = chain.prime, chain.protect
+        chain.prime = lambda ctx: (events.append(("prime", ctx.context_digest)), prime(ctx))[1]
+        chain.protect = lambda b, ctx: (events.append(("protect", ctx.context_digest)), protect(b, ctx))[1]
+
+    async def body(stub, fake):
+        await stub.ModelInfer(x_request(), metadata=BEARER)
+
+    run([NOISE], body, setup=spy, models={"mlp": {"probabilities": ["probs"], "strip": ["logits"],
+                                                  "batched": batched}})
+    rows = 2 if batched else 1
+    primed = [d for what, d in events[:rows] if what == "prime"]
+    assert len(set(primed)) == rows and len(events) == 2 * rows  # every prime comes before the first protect
+    assert sorted(d for what, d in events[rows:] if what == "protect") == sorted(primed)
+    assert {d for _, d in noise[0]._seeds} == set(primed)

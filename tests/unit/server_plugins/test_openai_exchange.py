@@ -350,3 +350,21 @@ def test_a_profile_signed_ahead_is_used_only_when_admission_agrees(monkeypatch):
     other = guard.start("POST", "/v1/completions", {"authorization": "Bearer sk-other"})
     other.prepare()
     assert other._presigned[0] == 1.0  # noqa: SLF001 - per client: a new one starts at 1.0
+
+
+def test_forwarded_primes_the_keyed_seed_and_the_answer_is_the_same():
+    """Once the request is on its way, the keyed noise's seed for its context is computed ahead of the
+    answer; the answer is perturbed exactly as without it. A request without logprobs primes nothing."""
+    rt = make_runtime()
+    noise = next(e.defense for _, e in rt.chain.response if type(e.defense).__name__ == "KeyedNoise")
+    _, plain = buffered(rt, completion_answer())
+    noise._seeds.clear()
+    ex, _ = admitted(rt)
+    ex.forwarded()
+    assert list(noise._seeds) == [(ex.adm.ctx.model, ex.adm.ctx.context_digest)]
+    ex.response_start(200, {"content-type": "application/json"})
+    assert json.loads(ex.response_body(json.dumps(completion_answer()).encode())) == plain
+    noise._seeds.clear()
+    ex, _ = admitted(rt, req(logprobs=None))
+    ex.forwarded()
+    assert noise._seeds == {}

@@ -126,6 +126,21 @@ def test_a_buffered_exchange(reader):
     assert out["choices"][0]["logprobs"] != completion_answer()["choices"][0]["logprobs"]
 
 
+def test_the_keyed_seed_is_primed_once_the_request_body_is_answered():
+    """The request's keyed seed is computed as soon as the rewritten body is handed to Envoy (while the
+    engine works), not when the answer comes."""
+    rt = make_runtime()
+    noise = next(e.defense for _, e in rt.chain.response if type(e.defense).__name__ == "KeyedNoise")
+    seen: list[int] = []
+    start = rt.chain.protect
+    rt.chain.protect = lambda b, ctx: (seen.append(len(noise._seeds)), start(b, ctx))[1]
+    rs = run(rt, [request_headers(), request_body(req())])
+    assert rs[1].WhichOneof("response") == "request_body" and len(noise._seeds) == 1 and seen == []
+    answer = json.dumps(completion_answer()).encode()
+    run(rt, [request_headers(), request_body(req(prompt="another")), response_headers(), response_body(answer)])
+    assert seen == [2]  # protect found the second request's seed already there
+
+
 def test_an_sse_answer_switches_to_streamed():
     stream = completion_stream()
     half = len(stream) // 2
