@@ -106,6 +106,8 @@ class _Out:
     shape: tuple[int, ...] = ()
     n: int = 0  # values, by the declared shape
     nbytes: int = 0  # raw bytes, by the declared shape and datatype
+    # FP32 with the dimensions the config asks for: raw bytes in, raw bytes out (KServeProxy._protect_f32)
+    direct: bool = False
 
 
 def _structure(request: Any) -> tuple[Any, ...]:
@@ -126,6 +128,7 @@ class KServeProxy:
         self._channel: grpc.aio.Channel | None = None
         self._calls: dict[str, Any] = {}
         self._ids: dict[int, np.ndarray] = {}  # class-index arrays for dense logprob vectors, by width
+        self._no_ids: dict[int, np.ndarray] = {}  # the empty id arrays of dense probability vectors, by rows
         m = holder.runtime.deps.metrics
         assert m is not None  # noqa: S101 - build_runtime always sets it
         self._metrics = m
@@ -438,7 +441,12 @@ class KServeProxy:
     def _protect(self, values: np.ndarray, kind: OutputKind, ctx: RequestContext, chain: DefenseChain) -> np.ndarray:
         # values: [P, C] float32 -> [P, C] float32
         if kind is OutputKind.PROBABILITIES:
-            ids = np.empty((values.shape[0], 0), dtype=np.int64)  # dense: column j is class j
+            rows = values.shape[0]
+            ids = self._no_ids.get(rows)
+            if ids is None:  # dense: column j is class j (an empty array, shared: no defense writes ids)
+                if len(self._no_ids) >= _MAX_PLANS:
+                    self._no_ids.clear()
+                ids = self._no_ids[rows] = np.empty((rows, 0), dtype=np.int64)
         else:
             ids = np.broadcast_to(self._class_ids(values.shape[1]), values.shape)
         return chain.protect(LogprobBatch(values=values, token_ids=ids, kind=kind), ctx).batch.values
@@ -466,7 +474,8 @@ class KServeProxy:
                 plan.append(_Out(_PROTECT, n=n))  # not a float: _protect_one says why
                 continue
             kind = OutputKind.PROBABILITIES if name in spec.probabilities else OutputKind.TOP_LOGPROBS
-            plan.append(_Out(_PROTECT, kind, dt.numpy, shape, n, n * dt.itemsize))
+            direct = out.datatype == "FP32" and len(shape) >= (2 if spec.batched else 1) and n > 0
+            plan.append(_Out(_PROTECT, kind, dt.numpy, shape, n, n * dt.itemsize, direct))
         if len(self._out_plans) >= _MAX_PLANS:
             self._out_plans.clear()
         self._out_plans[key] = (spec, out_plan := tuple(plan))
@@ -486,6 +495,10 @@ class KServeProxy:
                     returned += act.n
                     continue
                 data = response.raw_output_contents[i] if raw else None
+                if act.direct and prep.row_digests is None and len(data) == act.nbytes:  # type: ignore[arg-type]
+                    response.raw_output_contents[i] = self._protect_f32(data, act, prep, chain)  # type: ignore[arg-type]
+                    returned += act.n
+                    continue
                 if act.kind is not None and data is not None and len(data) == act.nbytes:
                     arr = np.frombuffer(data, dtype=act.dtype).reshape(act.shape)  # type: ignore[arg-type]
                 else:  # typed contents, or something to refuse: in full, with its error message
@@ -500,6 +513,14 @@ class KServeProxy:
             if raw:
                 del response.raw_output_contents[i]
         return returned
+
+    def _protect_f32(self, data: bytes, act: _Out, prep: Prepared, chain: DefenseChain) -> bytes:
+        """The usual output (FP32 raw bytes, one context for all its rows) the short way: one copy in, the
+        chain's float32 result out as bytes; what _protect_one does, with fewer array steps on the answer's
+        path."""
+        work = np.frombuffer(bytearray(data), np.float32).reshape(-1, act.shape[-1])  # a writeable copy
+        new = self._protect(work, act.kind, prep.adm.ctx, chain)  # type: ignore[arg-type]
+        return (new if new.dtype == np.float32 else new.astype(np.float32)).tobytes()  # C order, as it came
 
     def _protect_one(self, response: Any, i: int, arr: np.ndarray, act: _Out, prep: Prepared, chain: DefenseChain,
                      raw: bool, where: str) -> int:
