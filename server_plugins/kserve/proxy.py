@@ -71,11 +71,12 @@ class Prepared:
     adm: Admission
     spec: ModelSpec
     upstream: bytes  # the request as Triton gets it
-    row_digests: list[bytes] | None  # per batch row when the batch holds more than one row
+    # each batch row's context (its own digest, and its input values when a defense reads them) when the
+    # batch holds more than one row: a row's noise is keyed by that row's input alone
+    rows: list[RequestContext] | None
     asked: frozenset[str]  # outputs the client named; empty: all it may have
     client_id: str = ""  # the id the client gave (streams replace it upstream with a unique one)
     settled: bool = False
-    row_values: list[bytes] | None = None  # each batch row's input values, when a defense reads them
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,12 +352,12 @@ class KServeProxy:
             self._remember(client, adm.allowed)
         if not adm.allowed:
             raise refusal(adm, chain)
+        row_ctxs = None if rows is None else [
+            evolve(adm.ctx, context_digest=digest, input_values=row_values[b] if row_values else None)
+            for b, digest in enumerate(rows)]
         if plan.logprobs:  # the response defenses' keyed seeds, ahead of the answer (Triton may be at work)
-            if rows is None:
-                chain.prime(adm.ctx)
-            else:
-                for digest in rows:
-                    chain.prime(evolve(adm.ctx, context_digest=digest))
+            for c in row_ctxs or (adm.ctx,):
+                chain.prime(c)
         if plan.withheld or upstream_id is not None:
             # Triton need not compute what is never returned; a stream's requests get unique ids upstream
             up = pb.ModelInferRequest()
@@ -370,8 +371,7 @@ class KServeProxy:
             upstream = up.SerializeToString()
         else:
             upstream = raw if raw is not None else request.SerializeToString()
-        return Prepared(adm, spec, upstream, rows, plan.asked,
-                        client_id=request.id, row_values=row_values if rows is not None else None)
+        return Prepared(adm, spec, upstream, row_ctxs, plan.asked, client_id=request.id)
 
     def _plan(self, request: Any, meta: tensors.ModelMeta, spec: ModelSpec) -> tuple[_Plan, list[bytes]]:
         """Check a request in full against the model's metadata and the proxy config (raises InvalidInput or
@@ -495,7 +495,7 @@ class KServeProxy:
                     returned += act.n
                     continue
                 data = response.raw_output_contents[i] if raw else None
-                if act.direct and prep.row_digests is None and len(data) == act.nbytes:  # type: ignore[arg-type]
+                if act.direct and prep.rows is None and len(data) == act.nbytes:  # type: ignore[arg-type]
                     response.raw_output_contents[i] = self._protect_f32(data, act, prep, chain)  # type: ignore[arg-type]
                     returned += act.n
                     continue
@@ -535,15 +535,13 @@ class KServeProxy:
         if arr.dtype == np.float16 and kind is OutputKind.PROBABILITIES:
             work = work / work.sum(axis=-1, keepdims=True)  # fp16 rounding can leave a sum 1e-3 off one
         classes = work.shape[-1]
-        if prep.row_digests is None:
+        if prep.rows is None:
             new = self._protect(work.reshape(-1, classes), kind, prep.adm.ctx, chain).reshape(work.shape)
         else:
             # one chain call per batch row: each row's noise is keyed by that row's own input bytes, so
             # the same input gets the same answer alone or in any batch (the loop is over rows, not values)
             new = np.empty_like(work)
-            for b, digest in enumerate(prep.row_digests):
-                ctx = evolve(prep.adm.ctx, context_digest=digest,
-                             input_values=prep.row_values[b] if prep.row_values else None)
+            for b, ctx in enumerate(prep.rows):
                 new[b] = self._protect(work[b].reshape(-1, classes), kind, ctx, chain).reshape(work.shape[1:])
         tensors.set_output(response, i, new, raw=raw)
         return int(new.size)
