@@ -19,6 +19,8 @@ from defense.types import LogprobsMode
 KEYS = KeyRing.generate(), KeyRing.generate()
 DEF = KeyedNoise(KeyedNoiseParams(sigma=1.0), deps=Deps(keys=KEYS[0]))
 OTHER = KeyedNoise(KeyedNoiseParams(sigma=1.0), deps=Deps(keys=KEYS[1]))
+FREE = KeyedNoise(KeyedNoiseParams(sigma=1.0, keep_argmax=False), deps=Deps(keys=KEYS[0]))
+FREE_OTHER = KeyedNoise(KeyedNoiseParams(sigma=1.0, keep_argmax=False), deps=Deps(keys=KEYS[1]))
 
 logit_rows = st.integers(1, 12).flatmap(
     lambda p: st.integers(2, 40).flatmap(
@@ -62,9 +64,17 @@ def test_same_key_and_context_identical_other_key_different(logits, digest):
     b = topk_batch(logits, k)
     a1, a2 = DEF.apply(b, ctx(digest)), DEF.apply(b, ctx(digest))
     assert np.array_equal(a1.values, a2.values)  # bit-identical
+    other_digest = bytes(x ^ 1 for x in digest)
+    ids, rows = b.token_ids, np.arange(b.values.shape[0])[:, None]
+    noise = DEF.delta(b, ctx(digest), ids, rows)
+    assert not np.array_equal(OTHER.delta(b, ctx(digest), ids, rows), noise)  # another key: other noise
+    assert not np.array_equal(DEF.delta(b, ctx(other_digest), ids, rows), noise)  # another context: other noise
     if k >= 2 and np.ptp(b.values) > 1e-3:
-        assert not np.array_equal(OTHER.apply(b, ctx(digest)).values, a1.values)
-        assert not np.array_equal(DEF.apply(b, ctx(bytes(x ^ 1 for x in digest))).values, a1.values)
+        # and other values; compared without the argmax guard, which maps every draw that would flip a
+        # row's top to the same tie-by-a-margin values (two keys that both flip [-1, 0] answer alike)
+        free = FREE.apply(b, ctx(digest)).values
+        assert not np.array_equal(FREE_OTHER.apply(b, ctx(digest)).values, free)
+        assert not np.array_equal(FREE.apply(b, ctx(other_digest)).values, free)
 
 
 def test_noise_depends_on_position_not_on_chunking():
