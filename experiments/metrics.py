@@ -7,6 +7,7 @@ Points are 0-100 and named ``_pts``; everything else is a fraction.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Sequence
 
@@ -59,7 +60,16 @@ def interpolate_curve(x: float, xs: Sequence[float], ys: Sequence[float]) -> flo
         grouped.setdefault(a, []).append(b)
     gx = sorted(grouped)
     gy = [sum(grouped[a]) / len(grouped[a]) for a in gx]
-    return float(np.interp(float(x), gx, gy))
+    x = float(x)
+    if x <= gx[0]:
+        return gy[0]
+    if x >= gx[-1]:
+        return gy[-1]
+    i = bisect.bisect_right(gx, x)  # gx[i - 1] <= x < gx[i]
+    # the fraction of the segment, in [0, 1] even where np.interp's slope (dy / dx) overflows: two
+    # points closer than ~1e-308 made it return inf between them
+    t = (x - gx[i - 1]) / (gx[i] - gx[i - 1])
+    return gy[i - 1] + t * (gy[i] - gy[i - 1])
 
 
 def matched_gain_erased(s_def: float, x_def: float, curve_x: Sequence[float], curve_s: Sequence[float],

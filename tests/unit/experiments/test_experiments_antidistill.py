@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from defense.antidistill.gradient import load_gradient
@@ -37,6 +37,7 @@ def test_interpolation_passes_through_the_points_in_any_order(points, rnd):
 
 @settings(deadline=None)
 @given(st.lists(st.tuples(unit, unit), min_size=2, max_size=6, unique_by=lambda p: p[0]), unit)
+@example([(0.0, 0.0), (2.2250738585e-313, 1.0)], 1e-313)  # two points 2e-313 apart: np.interp's slope overflowed, and it gave inf between them
 def test_interpolation_stays_between_its_neighbours_and_clamps_at_the_ends(points, x):
     pts = sorted(points)
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -59,6 +60,7 @@ def test_interpolation_averages_ties_and_ignores_nonfinite_points():
 
 @settings(deadline=None)
 @given(unit, st.lists(st.tuples(unit, unit), min_size=2, max_size=5, unique_by=lambda p: p[0]), unit)
+@example(1e-313, [(0.0, 0.0), (2.2250738585e-313, 1.0)], 0.0)  # found by a random seed: the curve read inf there, and the gain NaN
 def test_matched_gain_is_zero_on_the_curve_and_one_at_the_untrained_student(x, points, s0):
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     s_ref = interpolate_curve(x, xs, ys)
