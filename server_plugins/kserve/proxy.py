@@ -538,6 +538,10 @@ class KServeProxy:
         if prep.rows is None:
             new = self._protect(work.reshape(-1, classes), kind, prep.adm.ctx, chain).reshape(work.shape)
         else:
+            if work.shape[0] != len(prep.rows):  # every row of the answer gets its own row's noise, or none
+                out = response.outputs[i]
+                raise InvalidInput(f"output {out.name!r} of model {response.model_name!r} ({where}) has "
+                                   f"{work.shape[0]} rows for a batch of {len(prep.rows)}")
             # one chain call per batch row: each row's noise is keyed by that row's own input bytes, so
             # the same input gets the same answer alone or in any batch (the loop is over rows, not values)
             new = np.empty_like(work)
@@ -617,7 +621,12 @@ class KServeProxy:
         async def pump_requests() -> None:
             try:
                 async for raw in requests:
-                    request = pb.ModelInferRequest.FromString(raw)
+                    try:
+                        request = pb.ModelInferRequest.FromString(raw)
+                    except _DecodeError as e:  # answered like any refused request: the stream goes on
+                        await queue.put(_stream_error(pb.ModelInferRequest(), f"INVALID_ARGUMENT: not a valid "
+                                                                               f"ModelInferRequest: {e}"))
+                        continue
                     uid = "dg-" + uuid.uuid4().hex
                     try:
                         prep = await self.prepare(request, raw, md, context, upstream_id=uid)

@@ -91,7 +91,9 @@ def bytes_offsets(data: bytes, where: str) -> list[int]:
 
 def contents_bytes(contents: Any, datatype: str, where: str) -> bytes:
     """Typed ``contents`` lists -> the raw little-endian bytes the same tensor has in raw form."""
-    dt = DTYPES[datatype]
+    dt = DTYPES.get(datatype)
+    if dt is None:  # read before check_inputs, which words the same refusal for raw contents
+        raise InvalidInput(f"{where} has unknown datatype {datatype!r}; known: {', '.join(DTYPES)}")
     if dt.contents is None:
         raise InvalidInput(f"{where}: {datatype} tensors travel only in raw contents")
     values = getattr(contents, dt.contents)

@@ -12,6 +12,8 @@ import grpc
 import numpy as np
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support import defenses as support_defenses
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
@@ -56,6 +58,11 @@ class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):
         if self.fail is not None:
             await context.abort(self.fail, "scripted failure")
         return self.respond(request)
+
+    async def ModelStreamInfer(self, request_iterator, context):  # noqa: N802
+        async for request in request_iterator:
+            self.requests.append(request)
+            yield pb.ModelStreamInferResponse(infer_response=self.respond(request))
 
 
 def x_request(rows: int = 2, **kw: Any) -> pb.ModelInferRequest:
@@ -240,6 +247,28 @@ def test_a_response_that_does_not_fit_the_config_is_internal_and_settled():
     run([RECORDER, NOISE], body)
     assert ("rec", "settle upstream_error 0") in support_defenses.CALLS
 
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_an_answer_whose_rows_do_not_match_the_batch_is_internal_and_settled(rows):
+    """Each batch row is protected with its own row's context: an answer with another number of rows has
+    no context for some row (with more rows than the batch, the extra ones once went back unwritten)."""
+    async def body(stub, fake):
+        def other_rows(req):
+            resp = FakeTriton.default(req)
+            probs = np.tile(PROBS[:1], (rows, 1))
+            resp.outputs[0].shape[:] = list(probs.shape)
+            resp.raw_output_contents[0] = probs.tobytes()
+            return resp
+
+        fake.respond = other_rows
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.ModelInfer(x_request(rows=2))
+        assert ei.value.code() is grpc.StatusCode.INTERNAL
+        assert f"output 'probs' of model 'mlp' (ModelInfer) has {rows} rows for a batch of 2" in ei.value.details()
+
+    run([RECORDER, NOISE], body, models={"mlp": {"probabilities": ["probs"], "strip": ["logits"], "batched": True}})
+    assert ("rec", "settle upstream_error 0") in support_defenses.CALLS
 
 def test_requests_alike_are_checked_by_their_sizes_and_answered_the_same():
     """The second request of a structure reuses the first one's checks (a plan): it gets the same noise as
@@ -500,3 +529,103 @@ def test_the_keyed_seeds_are_primed_before_the_answer_comes(batched):
     assert len(set(primed)) == rows and len(events) == 2 * rows  # every prime comes before the first protect
     assert sorted(d for what, d in events[rows:] if what == "protect") == sorted(primed)
     assert {d for _, d in noise[0]._seeds} == set(primed)
+
+
+# -- any request at all -------------------------------------------------------------------------------------
+_NAMES = st.sampled_from(["x", "y", "", "probs"])
+_DTYPES = st.sampled_from(["FP32", "FP16", "FP64", "INT64", "INT8", "BOOL", "BYTES", "fp32", "BF16", "XYZ", ""])
+_SHAPES = st.lists(st.integers(-2, 5), max_size=3)
+_OUTPUTS = st.sampled_from(["probs", "logits", "half", "extra", "nope", ""])
+
+
+@st.composite
+def _odd_requests(draw: st.DrawFn) -> bytes:
+    """A request the proxy may well refuse: x_request with its fields changed, extra or missing tensors,
+    typed contents, parameters, and sometimes its bytes damaged."""
+    req = x_request(rows=draw(st.integers(1, 3)), id=draw(st.text(max_size=4)))
+    if draw(st.booleans()):
+        req.model_name = draw(st.sampled_from(["mlp", "nope", ""]))
+    for _ in range(draw(st.integers(0, 2))):
+        req.inputs.add(name=draw(_NAMES), datatype=draw(_DTYPES), shape=draw(_SHAPES))
+        req.raw_input_contents.append(draw(st.binary(max_size=40)))
+    if draw(st.booleans()):
+        t = req.inputs[draw(st.integers(0, len(req.inputs) - 1))]
+        t.datatype = draw(_DTYPES)
+        t.shape[:] = draw(_SHAPES)
+    shape = draw(st.sampled_from(["as is", "fewer contents", "typed", "both"]))
+    if shape == "fewer contents":
+        del req.raw_input_contents[-1]
+    elif shape in ("typed", "both"):
+        if shape == "typed":
+            del req.raw_input_contents[:]
+        req.inputs[0].contents.fp32_contents.extend(draw(st.lists(st.floats(width=32), max_size=8)))
+    for _ in range(draw(st.integers(0, 3))):
+        o = req.outputs.add(name=draw(_OUTPUTS))
+        if draw(st.booleans()):
+            p = draw(st.sampled_from(["classification", "binary_data", "shared_memory_region", "other"]))
+            o.parameters[p].int64_param = draw(st.integers(-1, 5))
+    if draw(st.booleans()):
+        req.parameters[draw(st.sampled_from(["sequence_id", "priority", "timeout", "z"]))].int64_param = \
+            draw(st.integers(-5, 5))
+    raw = bytearray(req.SerializeToString())
+    damage = draw(st.sampled_from(["none", "none", "flip", "cut"]))
+    if damage == "flip" and raw:
+        for i in draw(st.lists(st.integers(0, len(raw) - 1), min_size=1, max_size=3)):
+            raw[i] ^= draw(st.integers(1, 255))
+    elif damage == "cut":
+        del raw[draw(st.integers(0, len(raw))):]
+    return bytes(raw)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(_odd_requests(), min_size=12, max_size=24), st.booleans())
+def test_any_request_gets_a_reasoned_status_and_every_admitted_one_settles_once(raws, batched):
+    """Whatever bytes come, the proxy answers, or refuses with a status that says why (never an internal
+    error from a failed assumption of its own), and every request it admitted is settled exactly once."""
+    async def body(stub, fake):
+        call = stub.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for raw in raws:
+            try:
+                await call(raw, metadata=BEARER, timeout=10)
+            except grpc.aio.AioRpcError as e:
+                details = e.details() or ""
+                # the client's fault (a stripped output asked for: PERMISSION_DENIED), or Triton's answer
+                assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                                    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INTERNAL), (e.code(), details, raw)
+                assert details and not details.startswith("internal error"), (e.code(), details, raw)
+                if e.code() is grpc.StatusCode.INTERNAL:  # only Triton's answer not fitting the config
+                    assert details.startswith("cannot protect the response"), (details, raw)
+
+    run([RECORDER, NOISE], body,
+        models={"mlp": {"probabilities": ["probs", "half"], "strip": ["logits"], "batched": batched}})
+    events = [c.split()[0] for tag, c in support_defenses.CALLS if tag == "rec"]
+    assert events.count("admit") == events.count("settle")
+
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(_odd_requests(), min_size=12, max_size=24), st.booleans())
+def test_a_stream_of_any_requests_answers_each_and_settles_every_admitted_one(raws, batched):
+    """On ModelStreamInfer a request the proxy refuses gets a response with error_message and the stream goes
+    on: one response per request, the stream ends as the client ends it, and every admitted request settles."""
+    got: list[pb.ModelStreamInferResponse] = []
+
+    async def body(stub, fake):
+        call = stub.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        stream = call(metadata=BEARER, timeout=20)
+        for raw in raws:
+            await stream.write(raw)
+        await stream.done_writing()
+        async for out in stream:
+            got.append(pb.ModelStreamInferResponse.FromString(out))
+        assert await stream.code() is grpc.StatusCode.OK
+
+    run([RECORDER, NOISE], body,
+        models={"mlp": {"probabilities": ["probs", "half"], "strip": ["logits"], "batched": batched}})
+    assert len(got) == len(raws)
+    for r in got:
+        assert "internal error" not in r.error_message, r.error_message
+        if not r.error_message:
+            assert "logits" not in [o.name for o in r.infer_response.outputs]
+    events = [c.split()[0] for tag, c in support_defenses.CALLS if tag == "rec"]
+    assert events.count("admit") == events.count("settle")
