@@ -211,7 +211,7 @@ def profile_from_pb(msg: pb.SignedProfile) -> SignedProfile | None:
 def batch_from_protect(msg: pb.ProtectRequest) -> LogprobBatch:
     kind = _enum(KIND_FROM_PB, msg.kind, "kind")
     p, k = msg.positions, msg.k
-    if p < 0 or k < 1 and p > 0:
+    if p < 0 or k < 0 or k < 1 and p > 0:  # k = -1 with no positions once reached reshape(0, -1)
         raise InvalidInput(f"positions must be >= 0 and k >= 1, got positions={p} k={k}")
     if p * k > MAX_VALUES:
         raise InvalidInput(f"positions x k = {p * k} is more than {MAX_VALUES} values")

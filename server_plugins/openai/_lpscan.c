@@ -610,6 +610,22 @@ static int distinct(const Vec *keys, Py_ssize_t from) {
     return OK;
 }
 
+/* a member this reader does not act on: a known one (or a null) is skipped; any other is left to the
+ * reference, which refuses an answer with a field it does not read rather than pass its values on */
+static int other_member(Scanner *sc, const Str *name, const char *const *known) {
+    for (; *known; known++)
+        if (is(name, *known)) return skip_value(sc);
+    if (is_null(sc)) {
+        sc->p += 4;
+        return OK;
+    }
+    return DECLINE;
+}
+
+static const char *const COMPLETION_OTHER[] = {"text_offset", NULL};
+static const char *const CHAT_OTHER[] = {NULL};
+static const char *const CHAT_TOKEN_OTHER[] = {"bytes", NULL};
+
 /* completions: {tokens: [str], token_logprobs: [num], top_logprobs: [{str: num}], ...} */
 static int completion_logprobs(Scanner *sc, Py_ssize_t *p_out, Py_ssize_t *k_out) {
     int started = 0, done = 0, rc;
@@ -676,7 +692,7 @@ static int completion_logprobs(Scanner *sc, Py_ssize_t *p_out, Py_ssize_t *k_out
                 k = kk;
                 n_tops++;
             }
-        } else if ((rc = skip_value(sc))) {
+        } else if ((rc = other_member(sc, &name, COMPLETION_OTHER))) {
             goto out;
         }
     }
@@ -732,7 +748,7 @@ static int chat_token(Scanner *sc, Str *t, float *v, Span *sp, Py_ssize_t *n_alt
                 (*n_alts)++;
             }
             sc->depth--;
-        } else if ((rc = skip_value(sc))) {
+        } else if ((rc = other_member(sc, &name, CHAT_TOKEN_OTHER))) {
             return rc;
         }
     }
@@ -774,7 +790,7 @@ static int chat_logprobs(Scanner *sc, Py_ssize_t *p_out, Py_ssize_t *k_out) {
                 p++;
             }
             sc->depth--;
-        } else if ((rc = skip_value(sc))) {
+        } else if ((rc = other_member(sc, &name, CHAT_OTHER))) {
             return rc;
         }
     }

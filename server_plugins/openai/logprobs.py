@@ -73,6 +73,21 @@ def _unique(keys: list[int], texts: list[str]) -> list[int]:
 
 _NUMBER_TYPES = frozenset({float, int})
 _STR = frozenset({str})
+# what each logprobs object holds (OpenAI's and vLLM's shapes): a field the front does not read may carry values
+# it never perturbed, so an answer with one (other than null) is refused rather than passed on
+_COMPLETION_FIELDS = frozenset({"tokens", "token_logprobs", "top_logprobs", "text_offset"})
+_CHAT_FIELDS = frozenset({"content", "refusal"})
+_CHAT_ENTRY_FIELDS = frozenset({"token", "logprob", "bytes", "top_logprobs"})
+_CHAT_ALT_FIELDS = frozenset({"token", "logprob", "bytes"})
+
+
+def _only(doc: dict[str, Any], known: frozenset[str], where: str) -> None:
+    if doc.keys() <= known:
+        return
+    extra = sorted(str(k) for k, v in doc.items() if k not in known and v is not None)
+    if extra:
+        raise UpstreamFormatError(f"{where}: field(s) {', '.join(extra)} not read by the front, whose values "
+                                  "would pass unprotected")
 _DICT_OR_NONE = frozenset({dict, type(None)})
 
 
@@ -184,10 +199,13 @@ def read_chat(doc: dict[str, Any]) -> Positions:
     for i, entry in enumerate(content):
         if type(entry) is not dict or type(entry.get("token")) is not str:
             raise UpstreamFormatError(f"chat logprobs: content[{i}] must be an object with a string token")
+        _only(entry, _CHAT_ENTRY_FIELDS, f"chat logprobs: content[{i}]")
         alts = entry.get("top_logprobs") or []
         if type(alts) is not list or not all(type(a) is dict and type(a.get("token")) is str for a in alts):
             raise UpstreamFormatError(f"chat logprobs: content[{i}].top_logprobs must be a list of objects "
                                       f"with a string token")
+        for a in alts:
+            _only(a, _CHAT_ALT_FIELDS, f"chat logprobs: content[{i}].top_logprobs[]")
         texts = [a["token"] for a in alts]
         ids += _unique(_keys(texts), texts)  # one text can stand for two ids (byte fallback)
         lens.append(len(alts))
@@ -205,10 +223,12 @@ def read(api: Api, doc: Any) -> Positions | None:
     if not isinstance(doc, dict):
         raise UpstreamFormatError("logprobs must be an object or null")
     if api is Api.OPENAI_CHAT:
+        _only(doc, _CHAT_FIELDS, "chat logprobs")
         if doc.get("refusal"):  # never produced by vLLM; dropped rather than passed unprotected
             doc["refusal"] = None
         pos = read_chat(doc)
     else:
+        _only(doc, _COMPLETION_FIELDS, "completion logprobs")
         pos = read_completion(doc)
     # nothing returned to perturb (only echoed prompt tokens without logprobs): nothing to protect
     return pos if pos.n_positions and pos.disclosed else None

@@ -15,7 +15,17 @@ import numpy as np
 import pytest
 from support.asgi import call as asgi_call
 from support.asgi import sse_events
-from support.openai_stack import ModelServer, auth, call, engine_config, front_config, key, tiny_model, tops
+from support.openai_stack import (
+    ModelServer,
+    auth,
+    call,
+    engine_config,
+    front_config,
+    key,
+    stream_tops,
+    tiny_model,
+    tops,
+)
 
 from defense.identity import client_id_from_token
 from defense.runtime import build_runtime
@@ -87,8 +97,7 @@ def test_stream_matches_buffered_and_settles(local):
     streamed = local.run(local.app, "POST", "/v1/completions", completion(stream=True), headers=auth(t))
     assert "content-length" not in streamed.headers
     events = sse_events(streamed.body)
-    rows = [list(e["choices"][0]["logprobs"]["top_logprobs"][0].items()) for e in events[:-1]
-            if e["choices"] and e["choices"][0]["logprobs"]]
+    rows = stream_tops(events[:-1])
     assert rows == tops(buffered) and events[-1] == "[DONE]"
     assert local.settles("ok") == before + 2
     lim = local.budget(t)["tokens_per_day"]

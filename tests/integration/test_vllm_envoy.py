@@ -26,6 +26,7 @@ from support.openai_stack import (
     no_envoy_reason,
     settles,
     sse_events,
+    stream_tops,
     streamed_chat_top_values,
     tiny_model,
     tops,
@@ -112,8 +113,7 @@ def test_streamed_completion_matches_the_buffered_one(stack):
     assert streamed.status == 200 and streamed.headers["content-type"].startswith("text/event-stream")
     events = sse_events(streamed.text())
     assert events[-1] == "[DONE]"
-    rows = [list(e["choices"][0]["logprobs"]["top_logprobs"][0].items()) for e in events[:-1]
-            if e["choices"] and e["choices"][0]["logprobs"]]
+    rows = stream_tops(events[:-1])
     assert rows == tops(buffered.json())  # each chunk keyed at its own position
     assert not any(e.get("usage") for e in events[:-1])  # the usage chunk the front asked for is not passed on
 

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from support.openai_stack import DEFENSES, auth, call, key, sse_events, tiny_model, tops
+from support.openai_stack import DEFENSES, auth, call, key, sse_events, stream_tops, tiny_model, tops
 from support.sidecar import write_config
 from support.vllm_harness import require_vllm
 
@@ -102,8 +102,7 @@ def test_stream_matches_buffered_and_settles(served):
     streamed = call("POST", served.url + "/v1/completions", completion(stream=True), headers=auth(t))
     assert streamed.status == 200 and streamed.headers["content-type"].startswith("text/event-stream")
     events = sse_events(streamed.body)
-    rows = [list(e["choices"][0]["logprobs"]["top_logprobs"][0].items()) for e in events[:-1]
-            if e["choices"] and e["choices"][0]["logprobs"]]
+    rows = stream_tops(events[:-1])
     assert rows == tops(buffered) and events[-1] == "[DONE]"
     assert not any(e.get("usage") for e in events[:-1])  # the usage chunk the front asked for is not passed on
     lim = served.budget(t)

@@ -157,6 +157,13 @@ def tops(doc: dict[str, Any]) -> list[list[tuple[str, float]]]:
     return [list(d.items()) for d in doc["choices"][0]["logprobs"]["top_logprobs"]]
 
 
+def stream_tops(events: list[Any]) -> list[list[tuple[str, float]]]:
+    """A streamed completion's top_logprobs as (token, logprob) lists per position, in order. An event may
+    carry several positions: vLLM merges the tokens it made while the server was busy into one event."""
+    return [list(d.items()) for e in events if isinstance(e, dict) and e.get("choices") and e["choices"][0]["logprobs"]
+            for d in e["choices"][0]["logprobs"]["top_logprobs"]]
+
+
 def chat_top_values(doc: dict[str, Any]) -> list[list[float]]:
     """A chat completion's top_logprobs values per position."""
     return [[a["logprob"] for a in e["top_logprobs"]] for e in doc["choices"][0]["logprobs"]["content"]]

@@ -287,6 +287,10 @@ DECLINED = {
     "duplicate token_logprobs": json.dumps(BASE).encode().replace(b'"text_offset"', b'"token_logprobs": [], "text_offset"', 1),
     "duplicate usage": json.dumps(BASE).encode()[:-1] + b', "usage": null}',
     "duplicate alternative": json.dumps(BASE).encode().replace(b'"t21": -1.9223735277555765', b'"t39": -1.9', 1),
+    # a field the front does not read may hold values it never perturbs: the reference refuses the answer
+    "unknown logprobs field": mutated(lambda d: _lp(d).update(probs=[0.2] * 8)),
+    "chat logprobs on a completion": mutated(lambda d: d["choices"][0].update(
+        logprobs={"content": [{"token": "a", "logprob": -0.1, "top_logprobs": [{"token": "a", "logprob": -0.1}]}]})),
 }
 
 
@@ -321,6 +325,11 @@ CHAT_DECLINED = {
                                                                  b'"content": "hello", "content": null', 1),
     "duplicate message": json.dumps(chat_doc()).encode().replace(b'"finish_reason"', b'"message": 1, "finish_reason"', 1),
     "duplicate entry token": json.dumps(chat_doc()).encode().replace(b'"bytes": null', b'"bytes": null, "token": "w9"', 1),
+    "unknown logprobs field": chat_mutated(lambda d: d["choices"][0]["logprobs"].update(probs=[0.5])),
+    "unknown entry field": chat_mutated(lambda d: _content(d)[0].update(prob=0.6)),
+    "unknown alternative field": chat_mutated(lambda d: _content(d)[0]["top_logprobs"][1].update(prob=0.2)),
+    "completion logprobs on a chat answer": chat_mutated(lambda d: d["choices"][0].update(
+        logprobs=_lp(completion_answer(0)))),
 }
 
 

@@ -215,6 +215,31 @@ def test_an_answer_that_cannot_be_checked_is_refused(answer):
     assert [e.rsplit(" ", 1)[0] for e in settles()] == ["settle upstream_error"]
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("shape", ["the other api's logprobs", "an unknown logprobs field"])
+def test_logprobs_the_front_does_not_read_are_refused_not_passed_on(path, shape):
+    """A logprobs object in the other API's shape (an engine answering a chat request in completion form),
+    or with a field the front does not read, would reach the client with values never perturbed."""
+    rt = recorder_runtime()
+    chat = path.endswith("chat/completions")
+    body = req(messages=[{"role": "user", "content": "hi"}], top_logprobs=K, logprobs=True) if chat else req()
+    ex = Guard(rt).start("POST", path, AUTH)
+    assert isinstance(ex.request(body), Forward)
+    answer = completion_answer()
+    lp = answer["choices"][0]["logprobs"]
+    if shape == "an unknown logprobs field":
+        if chat:
+            answer["choices"][0]["logprobs"] = {"content": [], "top_probs": [[0.5, 0.3]]}
+        else:
+            lp["top_probs"] = [[0.5, 0.3]]
+    elif not chat:
+        answer["choices"][0]["logprobs"] = {"content": [{"token": "a", "logprob": -0.1, "top_logprobs": []}]}
+    ex.response_start(200, {"content-type": "application/json"})
+    out = ex.response_body(json.dumps(answer).encode())
+    assert isinstance(out, Reply) and out.status == 502
+    assert [e.rsplit(" ", 1)[0] for e in settles()] == ["settle upstream_error"]
+
+
 def test_an_unknown_content_encoding_is_refused():
     rt = recorder_runtime()
     ex, _ = admitted(rt)
