@@ -168,6 +168,8 @@ class Exchange:
     def request(self, body: bytes) -> Reply | Forward:
         """Admit the request body; the reply to send instead, or the rewritten request to forward."""
         assert self.action == "guard" and self.api is not None  # noqa: S101 - fronts check action first
+        if self.adm is not None:  # one body per exchange: a second is never admitted (and charged) again
+            return self._refuse(error_reply(400, "this request already had its body", code="duplicate_body"))
         if len(body) > self.front.max_body_bytes:
             return self._refuse(error_reply(413, f"the request body is larger than {self.front.max_body_bytes} bytes",
                                             code="request_too_large"))

@@ -92,7 +92,10 @@ class BodyCodec:
     def decode(self, data: bytes) -> bytes:
         if self.identity:
             return data
-        out = self._d.decompress(data, self.max_decoded - self._decoded + 1)
+        try:
+            out = self._d.decompress(data, self.max_decoded - self._decoded + 1)
+        except zlib.error as e:  # labelled compressed, but not: refused like any body the front cannot read
+            raise UnsupportedEncoding(f"the body is not valid for its content-encoding: {e}") from None
         self._decoded += len(out)
         if self._decoded > self.max_decoded or self._d.unconsumed_tail:
             raise UnsupportedEncoding(f"the decoded body is larger than {self.max_decoded} bytes")

@@ -240,6 +240,20 @@ def test_logprobs_the_front_does_not_read_are_refused_not_passed_on(path, shape)
     assert [e.rsplit(" ", 1)[0] for e in settles()] == ["settle upstream_error"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_body_labelled_gzip_that_is_not_is_refused_and_settled(stream):
+    rt = recorder_runtime()
+    ex, _ = admitted(rt, req(stream=stream))
+    ex.response_start(200, {"content-type": "text/event-stream" if stream else "application/json",
+                            "content-encoding": "gzip"})
+    if stream:
+        out = ex.response_chunk(completion_stream(), True)  # the error event in the encoding the headers name
+        assert sse_events(zlib.decompress(out, wbits=31))[0]["error"]["code"] == "unprotected_response"
+    else:
+        assert ex.response_body(json.dumps(completion_answer()).encode()).status == 502
+    assert [e.rsplit(" ", 1)[0] for e in settles()] == ["settle upstream_error"]
+
+
 def test_an_unknown_content_encoding_is_refused():
     rt = recorder_runtime()
     ex, _ = admitted(rt)

@@ -6,6 +6,8 @@ import asyncio
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support import defenses as recorder
 from support.ext_proc import protobuf_body_response
 from support.openai_answers import AUTH, completion_answer, completion_stream, make_runtime, req
@@ -157,6 +159,15 @@ def _recorder_runtime():
     return make_runtime({"type": "support.defenses:Recorder", "params": {"tag": "b"}}, {"type": "keyed_noise"})
 
 
+def test_a_second_request_body_is_refused_not_admitted_again():
+    """Envoy sends one buffered body; were a second to come on the same stream, it must not be admitted (and
+    reserved) a second time while only the first is ever settled."""
+    rs = run(_recorder_runtime(), [request_headers(), request_body(req()), request_body(req())])
+    assert rs[2].immediate_response.status.code == 400 and b"duplicate_body" in rs[2].immediate_response.body
+    events = [e.split()[0] for _, e in recorder.CALLS]
+    assert events == ["admit", "settle"]
+
+
 def test_upstream_error_stops_processing_and_settles():
     rs = run(_recorder_runtime(), [request_headers(), request_body(req()), response_headers(status="500")])
     assert rs[2].mode_override.response_body_mode == Mode.NONE
@@ -214,3 +225,66 @@ def test_body_responses_are_the_bytes_protobuf_writes(which, data, headers):
     got = body_response(which, data, set_headers=set_headers, remove=remove)
     assert got == want.SerializeToString()
     assert pb.ProcessingResponse.FromString(got) == want
+
+
+# -- any sequence of messages --------------------------------------------------------------------------------
+_PATHS = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "", "/v1/completions?x=1"])
+_TYPES = st.sampled_from(["application/json", "text/event-stream", "text/plain", ""])
+
+
+@st.composite
+def _messages(draw: st.DrawFn) -> list[pb.ProcessingRequest]:
+    """Envoy's usual four (five when streamed) messages, then some removed, repeated, swapped or replaced."""
+    stream = draw(st.booleans())
+    body = req(stream=stream) if draw(st.integers(0, 3)) else draw(st.binary(max_size=40))
+    answer = completion_stream() if stream else json.dumps(completion_answer()).encode()
+    if not draw(st.integers(0, 3)):
+        answer = draw(st.binary(max_size=60))
+    cut = draw(st.integers(1, max(1, len(answer))))
+    msgs = [request_headers(method=draw(st.sampled_from(["POST", "GET", "PUT"])), path=draw(_PATHS),
+                            end=not draw(st.integers(0, 5))),
+            pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=bool(draw(st.integers(0, 5))))),
+            pb.ProcessingRequest(response_headers=pb.HttpHeaders(
+                headers=hmap(pseudo_status=draw(st.sampled_from(["200", "200", "429", "500", "abc", ""])),
+                             content_type="text/event-stream" if stream else draw(_TYPES),
+                             content_encoding=draw(st.sampled_from(["", "", "gzip", "br"]))),
+                end_of_stream=not draw(st.integers(0, 5)))),
+            response_body(answer[:cut], end=cut >= len(answer))]
+    if cut < len(answer):
+        msgs.append(response_body(answer[cut:], end=True))
+    for _ in range(draw(st.integers(0, 2))):
+        i = draw(st.integers(0, len(msgs) - 1))
+        how = draw(st.sampled_from(["drop", "repeat", "swap", "trailers"]))
+        if how == "drop" and len(msgs) > 1:
+            del msgs[i]
+        elif how == "repeat":
+            msgs.insert(i, msgs[i])
+        elif how == "swap" and i + 1 < len(msgs):
+            msgs[i], msgs[i + 1] = msgs[i + 1], msgs[i]
+        elif how == "trailers":
+            msgs.insert(i, pb.ProcessingRequest(request_trailers=pb.HttpTrailers()))
+    return msgs
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(_messages(), min_size=1, max_size=4))
+def test_any_message_sequence_gets_one_answer_each_and_settles_what_it_admitted(streams):
+    """Whatever Envoy sends, in whatever order, the servicer answers every message (Envoy waits for each
+    answer), never fails the stream, and every request it admitted is settled once the stream ends."""
+    rt = _recorder_runtime()
+    servicer = ExtProcServicer(Guard(rt))
+
+    async def go(messages):
+        async def stream():
+            for m in messages:
+                yield read_request(m.SerializeToString())
+
+        return [as_message(r) async for r in servicer.process(stream(), Ctx())]
+
+    for messages in streams:
+        recorder.CALLS.clear()
+        answers = asyncio.run(go(messages))
+        assert len(answers) == len(messages)
+        servicer.deferred.drain()
+        events = [e.split()[0] for t, e in recorder.CALLS if t == "b"]
+        assert events.count("admit") == events.count("settle"), [w.WhichOneof("request") for w in messages]

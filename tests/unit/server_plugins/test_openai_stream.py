@@ -148,6 +148,12 @@ def test_a_gzip_bomb_is_refused():
         codec.decode(data)
 
 
+@pytest.mark.parametrize("enc", ["gzip", "deflate"])
+def test_a_body_that_is_not_what_its_encoding_says_is_refused(enc):
+    with pytest.raises(UnsupportedEncoding, match="not valid for its content-encoding"):
+        BodyCodec(enc, max_decoded=1 << 20).decode(b'{"choices": []}')  # zlib.error before
+
+
 def test_unknown_encodings_are_refused():
     with pytest.raises(UnsupportedEncoding, match="br"):
         BodyCodec("br", max_decoded=10)
