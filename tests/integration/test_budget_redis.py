@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from conftest import sample
+from hypothesis import HealthCheck, given, settings
+from support.budget_fuzz import OPS, drive, fuzz_plan
 from support.redis_server import RedisServer
 
 from defense.metrics import Metrics
@@ -180,3 +182,21 @@ def test_rediss_with_password(tmp_path):
     finally:
         s.close()
         srv.stop()
+
+
+
+@pytest.mark.parametrize("window", [TOKEN_BUCKET, SLIDING_WINDOW])
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(ops=OPS)
+def test_two_replicas_never_overspend_and_redis_holds_what_was_charged(redis_server, window, ops):
+    """support.budget_fuzz's interleavings through two RedisStore replicas sharing one server."""
+    import redis
+
+    redis.Redis.from_url(redis_server.uri).flushall()
+
+    def replica() -> RedisStore:
+        s = RedisStore(redis_server.uri, metrics=Metrics())
+        s.configure(StoreOptions(timeout_s=1.0))
+        return s
+
+    drive([replica(), replica()], fuzz_plan(window), ops, replica)
