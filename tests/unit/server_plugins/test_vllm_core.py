@@ -286,3 +286,26 @@ def test_a_second_instance_passes_on_what_the_first_returned_this_step():
     unchanged = torch.ones(1)
     share.applied(unchanged, unchanged)  # a step that changed nothing leaves no mark
     assert not share.already_applied(unchanged)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("scheme", ["kgw", "gumbel"])
+def test_nan_and_infinite_logits_do_not_stop_the_step_or_touch_the_other_rows(ring, scheme, fused):
+    """A model that emits NaN or infinite logits for some rows: the engine's step still runs (an exception
+    here would fail the whole batch in vLLM), and every other row gets exactly what it gets without them."""
+    from defense.watermark import GreenListParams, GreenListWatermark, GumbelParams, GumbelWatermark
+
+    d = (GreenListWatermark(GreenListParams(delta=2.0, fused=fused), deps=Deps(keys=ring)) if scheme == "kgw"
+         else GumbelWatermark(GumbelParams(fused=fused), deps=Deps(keys=ring)))
+    engine = _engine(ring, d)
+    slots = BatchSlots()
+    for i in range(4):
+        slots.put(i, engine.row(None, prefix=[3, 4, 5 + i], temperature=0.8))
+    slots.resize(4)
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    clean = engine.process(logits.clone(), slots.view(None, device="cpu"))
+    logits[1] = float("nan")
+    logits[2, :5] = float("inf")
+    logits[3] = float("-inf")
+    out = engine.process(logits, slots.view(None, device="cpu"))
+    assert torch.equal(out[0], clean[0])
