@@ -47,7 +47,10 @@ class FakeTriton(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):  # noqa: N802
         meta = pb.ModelMetadataResponse(name=request.name, versions=["1"])
-        meta.inputs.add(name="x", datatype="FP32", shape=[-1, 2])
+        if request.name == "txt":  # a text model: rows of two BYTES elements
+            meta.inputs.add(name="t", datatype="BYTES", shape=[-1, 2])
+        else:
+            meta.inputs.add(name="x", datatype="FP32", shape=[-1, 2])
         for name, dtype in (("probs", "FP32"), ("logits", "FP32"), ("half", "FP16"), ("extra", "INT32")):
             if name != self.drop_output:
                 meta.outputs.add(name=name, datatype=dtype, shape=[-1, -1])
@@ -567,6 +570,20 @@ def _odd_requests(draw: st.DrawFn) -> bytes:
     if draw(st.booleans()):
         req.parameters[draw(st.sampled_from(["sequence_id", "priority", "timeout", "z"]))].int64_param = \
             draw(st.integers(-5, 5))
+    if draw(st.integers(0, 3)) == 0:  # the text model: BYTES rows, framed well or not
+        req = pb.ModelInferRequest(model_name="txt", id=req.id)
+        rows = draw(st.integers(1, 3))
+        n = 2 * rows if draw(st.integers(0, 2)) else draw(st.integers(0, 2 * rows + 1))
+        elements = draw(st.lists(st.binary(max_size=6), min_size=n, max_size=n))
+        data = b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+        if not draw(st.integers(0, 3)):
+            data = data[:draw(st.integers(0, len(data)))]
+        req.inputs.add(name="t", datatype=draw(st.sampled_from(["BYTES", "BYTES", "FP32"])), shape=[rows, 2])
+        if draw(st.booleans()):
+            req.raw_input_contents.append(data)
+        else:
+            req.inputs[0].contents.bytes_contents.extend(elements)
+        req.outputs.add(name=draw(_OUTPUTS))
     raw = bytearray(req.SerializeToString())
     damage = draw(st.sampled_from(["none", "none", "flip", "cut"]))
     if damage == "flip" and raw:
@@ -597,7 +614,8 @@ def test_any_request_gets_a_reasoned_status_and_every_admitted_one_settles_once(
                     assert details.startswith("cannot protect the response"), (details, raw)
 
     run([RECORDER, NOISE], body,
-        models={"mlp": {"probabilities": ["probs", "half"], "strip": ["logits"], "batched": batched}})
+        models={"mlp": {"probabilities": ["probs", "half"], "strip": ["logits"], "batched": batched},
+                "txt": {"probabilities": ["probs"], "strip": ["logits"], "batched": batched}})
     events = [c.split()[0] for tag, c in support_defenses.CALLS if tag == "rec"]
     assert events.count("admit") == events.count("settle")
 
@@ -621,7 +639,8 @@ def test_a_stream_of_any_requests_answers_each_and_settles_every_admitted_one(ra
         assert await stream.code() is grpc.StatusCode.OK
 
     run([RECORDER, NOISE], body,
-        models={"mlp": {"probabilities": ["probs", "half"], "strip": ["logits"], "batched": batched}})
+        models={"mlp": {"probabilities": ["probs", "half"], "strip": ["logits"], "batched": batched},
+                "txt": {"probabilities": ["probs"], "strip": ["logits"], "batched": batched}})
     assert len(got) == len(raws)
     for r in got:
         assert "internal error" not in r.error_message, r.error_message
