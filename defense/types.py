@@ -400,6 +400,21 @@ class LogprobBatch:
     def shape(self) -> tuple[int, int]:
         return self.values.shape  # type: ignore[return-value]
 
+    @classmethod
+    def shaped(cls, values: np.ndarray, token_ids: np.ndarray, kind: OutputKind) -> LogprobBatch:
+        """A batch from arrays its caller shaped itself, so no re-validation: ``values`` [P, K] with K >= 1,
+        ``token_ids`` [P, K] (or [P, 0] for dense probability vectors); the other fields at their defaults."""
+        out = _new(cls)
+        _set(out, "values", values)
+        _set(out, "token_ids", token_ids)
+        _set(out, "kind", kind)
+        _set(out, "sampled_token_ids", None)
+        _set(out, "sampled_values", None)
+        _set(out, "temperature", 1.0)
+        _set(out, "logprobs_mode", LogprobsMode.RAW)
+        _set(out, "position_offset", 0)
+        return out
+
     def with_values(self, values: np.ndarray, sampled_values: np.ndarray | None) -> LogprobBatch:
         """This batch with new values of the same shape (a defense's output): no re-validation."""
         if values.shape != self.values.shape:

@@ -112,9 +112,21 @@ class _Out:
 
 
 def _structure(request: Any) -> tuple[Any, ...]:
-    return (request.model_name, request.model_version,
-            tuple((t.name, t.datatype, tuple(t.shape)) for t in request.inputs),
-            tuple(o.name for o in request.outputs))
+    inputs, outputs = request.inputs, request.outputs
+    if len(inputs) == 1 and len(outputs) <= 1:  # the usual request, the same key without generator frames
+        t = inputs[0]
+        return (request.model_name, request.model_version, ((t.name, t.datatype, tuple(t.shape)),),
+                (outputs[0].name,) if outputs else ())
+    return (request.model_name, request.model_version, tuple((t.name, t.datatype, tuple(t.shape)) for t in inputs),
+            tuple(o.name for o in outputs))
+
+
+def _output_structure(response: Any) -> tuple[Any, ...]:
+    outputs = response.outputs
+    if len(outputs) == 1:  # the usual answer, the same key without a generator frame
+        o = outputs[0]
+        return ((o.name, o.datatype, tuple(o.shape)),)
+    return tuple((o.name, o.datatype, tuple(o.shape)) for o in outputs)
 
 
 class KServeProxy:
@@ -438,8 +450,9 @@ class KServeProxy:
             ids = self._ids[k] = np.arange(k, dtype=np.int64)
         return ids
 
-    def _protect(self, values: np.ndarray, kind: OutputKind, ctx: RequestContext, chain: DefenseChain) -> np.ndarray:
-        # values: [P, C] float32 -> [P, C] float32
+    def _protect(self, values: np.ndarray, kind: OutputKind, ctx: RequestContext, chain: DefenseChain, *,
+                 shaped: bool = False) -> np.ndarray:
+        # values: [P, C] float32 -> [P, C] float32; shaped: C >= 1 is known (the batch needs no re-validation)
         if kind is OutputKind.PROBABILITIES:
             rows = values.shape[0]
             ids = self._no_ids.get(rows)
@@ -449,12 +462,13 @@ class KServeProxy:
                 ids = self._no_ids[rows] = np.empty((rows, 0), dtype=np.int64)
         else:
             ids = np.broadcast_to(self._class_ids(values.shape[1]), values.shape)
-        return chain.protect(LogprobBatch(values=values, token_ids=ids, kind=kind), ctx).batch.values
+        batch = LogprobBatch.shaped(values, ids, kind) if shaped else LogprobBatch(values=values, token_ids=ids, kind=kind)
+        return chain.protect(batch, ctx).batch.values
 
     def _outputs(self, response: Any, prep: Prepared, raw: bool) -> tuple[_Out, ...]:
         """What to do with each output of a response, by its outputs' names, datatypes and shapes (cached)."""
         spec = prep.spec
-        key = (id(spec), prep.asked, raw, tuple((o.name, o.datatype, tuple(o.shape)) for o in response.outputs))
+        key = (id(spec), prep.asked, raw, _output_structure(response))
         hit = self._out_plans.get(key)
         if hit is not None and hit[0] is spec:
             return hit[1]
@@ -519,7 +533,7 @@ class KServeProxy:
         chain's float32 result out as bytes; what _protect_one does, with fewer array steps on the answer's
         path."""
         work = np.frombuffer(bytearray(data), np.float32).reshape(-1, act.shape[-1])  # a writeable copy
-        new = self._protect(work, act.kind, prep.adm.ctx, chain)  # type: ignore[arg-type]
+        new = self._protect(work, act.kind, prep.adm.ctx, chain, shaped=True)  # type: ignore[arg-type]
         return (new if new.dtype == np.float32 else new.astype(np.float32)).tobytes()  # C order, as it came
 
     def _protect_one(self, response: Any, i: int, arr: np.ndarray, act: _Out, prep: Prepared, chain: DefenseChain,

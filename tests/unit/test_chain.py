@@ -355,6 +355,17 @@ def test_with_values_keeps_every_other_field():
         b.with_values(new_values[:1], None)
 
 
+@pytest.mark.parametrize("kind", [OutputKind.TOP_LOGPROBS, OutputKind.PROBABILITIES])
+def test_shaped_batch_is_the_validated_one(kind):
+    import dataclasses
+
+    values = np.full((2, 3), 1 / 3, dtype=np.float32)
+    ids = np.arange(6).reshape(2, 3) if kind is OutputKind.TOP_LOGPROBS else np.empty((2, 0), dtype=np.int64)
+    want, got = LogprobBatch(values=values, token_ids=ids, kind=kind), LogprobBatch.shaped(values, ids, kind)
+    for f in dataclasses.fields(LogprobBatch):  # a field added later must get its default here too
+        assert getattr(got, f.name) is getattr(want, f.name) or getattr(got, f.name) == getattr(want, f.name), f.name
+
+
 def test_prime_asks_live_response_defenses_in_order_and_leaves_errors_to_protect(clock, metrics):
     chain = DefenseChain([rec("a"), shift("s1"), shift("off", mode=Mode.OFF),
                           shift("s2", fail=True, on_error=OnError.FAIL_CLOSED)], metrics=metrics, clock=clock)
