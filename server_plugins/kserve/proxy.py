@@ -146,6 +146,7 @@ class KServeProxy:
         assert m is not None  # noqa: S101 - build_runtime always sets it
         self._metrics = m
         self._forward_keys = frozenset(k.lower() for k in settings.forward_metadata)
+        self._returned = {name: spec.returned for name, spec in settings.models.items()}  # outputs a client may get
         # request ids for the chain: a random per-process prefix and a counter (unique across replicas and
         # restarts, and a tenth of uuid4's cost)
         self._id_prefix = f"kserve-{uuid.uuid4().hex[:16]}-"
@@ -282,10 +283,9 @@ class KServeProxy:
         n = self._admitted.get(client)
         if n is None or n >= s.early_forward_max_in_flight:
             return None
-        spec = s.models.get(request.model_name)
-        if spec is None or len(raw) > s.max_input_bytes or any(w in raw for w in _EARLY_BLOCKERS):
+        returned = self._returned.get(request.model_name)
+        if returned is None or len(raw) > s.max_input_bytes or _blocks_early(raw):
             return None
-        returned = spec.returned
         for o in request.outputs:
             if o.name not in returned:  # a withheld output: Triton gets a rewritten request
                 return None
@@ -316,7 +316,7 @@ class KServeProxy:
             raise Refusal(grpc.StatusCode.NOT_FOUND,
                           f"model {model!r} is not served through this proxy; models: {', '.join(self.settings.models)}")
         # a parameter's name is in the message's bytes as it is: most requests skip the per-tensor look
-        named = raw is None or any(w in raw for w in _BYPASS_WORDS)
+        named = raw is None or _names_bypass(raw)
         for t in (*request.inputs, *request.outputs) if named else ():
             for p in _BYPASS_PARAMS if t.parameters else ():
                 if p in t.parameters:
@@ -706,6 +706,16 @@ class KServeProxy:
             call.cancel()
         if failure is not None:
             await context.abort(failure.code, failure.message)
+
+
+def _names_bypass(raw: bytes) -> bool:
+    """Whether the bytes hold a _BYPASS_WORDS word (spelled out: a genexpr over them costs twice as much)."""
+    return b"shared_memory_" in raw or b"classification" in raw
+
+
+def _blocks_early(raw: bytes) -> bool:
+    """Whether the bytes hold an _EARLY_BLOCKERS word."""
+    return b"shared_memory_" in raw or b"classification" in raw or b"sequence_" in raw
 
 
 def _as_refusal(e: BaseException) -> Refusal:

@@ -648,3 +648,13 @@ def test_a_stream_of_any_requests_answers_each_and_settles_every_admitted_one(ra
             assert "logits" not in [o.name for o in r.infer_response.outputs]
     events = [c.split()[0] for tag, c in support_defenses.CALLS if tag == "rec"]
     assert events.count("admit") == events.count("settle")
+
+
+@given(st.binary(max_size=64), st.binary(max_size=64))
+def test_word_scans_match_their_word_lists(head, tail):
+    from server_plugins.kserve import proxy
+
+    for words, scan in ((proxy._BYPASS_WORDS, proxy._names_bypass), (proxy._EARLY_BLOCKERS, proxy._blocks_early)):
+        for w in words:
+            assert scan(head + w + tail)
+        assert scan(head + tail) == any(w in head + tail for w in words)
