@@ -715,7 +715,7 @@ def _names_bypass(raw: bytes) -> bool:
 
 def _blocks_early(raw: bytes) -> bool:
     """Whether the bytes hold an _EARLY_BLOCKERS word."""
-    return b"shared_memory_" in raw or b"classification" in raw or b"sequence_" in raw
+    return _names_bypass(raw) or b"sequence_" in raw
 
 
 def _as_refusal(e: BaseException) -> Refusal:
