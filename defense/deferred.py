@@ -56,9 +56,34 @@ class Deferred:
         self._queue.append(fn)
         if len(self._queue) >= self.max_pending:
             self.drain()
-        elif self._timer is None:  # the next turn needs no timer (call_later would make and heap one)
-            self._timer = (loop.call_later(self.max_delay_s, self.drain) if self.max_delay_s
-                           else loop.call_soon(self.drain))
+        elif self._timer is None:
+            self._schedule(loop)
+
+    def hold(self, fn: Callable[[], object]) -> None:
+        """Queue ``fn`` for the next drain without asking for one: work that can wait for its request's own
+        ``add`` (its settle) or, for a request that will not settle, its front's ``kick``. A request then
+        costs the loop one callback, run once its answer is out, instead of one per piece of bookkeeping,
+        the first of them while the model server works on the request. A full queue drains at once, as
+        with ``add``; with no loop, ``fn`` runs at once."""
+        if asyncio.events._get_running_loop() is None:
+            self._run(fn)
+            return
+        self._queue.append(fn)
+        if len(self._queue) >= self.max_pending:
+            self.drain()
+
+    def kick(self) -> None:
+        """Ask for a drain of what is queued (``hold``), as ``add`` would, adding nothing."""
+        if self._queue and self._timer is None:
+            loop = asyncio.events._get_running_loop()
+            if loop is None:
+                self.drain()
+            else:
+                self._schedule(loop)
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        # the next turn needs no timer (call_later would make and heap one)
+        self._timer = loop.call_later(self.max_delay_s, self.drain) if self.max_delay_s else loop.call_soon(self.drain)
 
     def drain(self) -> None:
         if self._timer is not None:

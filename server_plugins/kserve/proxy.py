@@ -158,7 +158,8 @@ class KServeProxy:
         self._early_used = m.upstream_early.labels("kserve", "used")
         self._early_cancelled = m.upstream_early.labels("kserve", "cancelled")
         # settles of answered requests, run on the loop's next turn once the call is over (defense.deferred);
-        # the server hands the chain's bookkeeping the same queue, so one loop callback runs both
+        # the server hands the chain's bookkeeping the same queue's ``hold``: a request's Admit and Protect
+        # records wait for its settle, and one loop callback runs all three once the answer is out
         self.deferred = deferred if deferred is not None else Deferred()
         self._plans: dict[tuple[Any, ...], _Plan] = {}  # by request structure (_structure)
         self._out_plans: dict[tuple[Any, ...], tuple[ModelSpec, tuple[_Out, ...]]] = {}  # see _outputs
@@ -610,10 +611,12 @@ class KServeProxy:
         except asyncio.CancelledError:
             if prep is not None:
                 self.settle(prep, SettleStatus.CLIENT_ABORT)
+            self.deferred.kick()  # no settle follows: the held bookkeeping runs now
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a status, never a dead handler
             if prep is not None and not prep.settled:
                 self.settle(prep, SettleStatus.UPSTREAM_ERROR)
+            self.deferred.kick()
             err = _as_refusal(e)
         finally:
             if early is not None:
@@ -691,11 +694,13 @@ class KServeProxy:
         try:
             while (item := await queue.get()) is not None:
                 yield item
+                self.deferred.kick()  # a stream's settles run inline: its held bookkeeping runs after each answer
             try:
                 await receiver
             except grpc.aio.AioRpcError as e:
                 failure = upstream_refusal(e, self.settings.upstream)
         finally:
+            self.deferred.kick()
             sender.cancel()
             receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):

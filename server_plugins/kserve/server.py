@@ -64,11 +64,11 @@ class ProxyServer:
         self.metrics = Metrics()
         self.metrics.build_info.labels(__version__).set(1)
         loaded = load_config(config_path)
-        # settles, and the chain's metrics and ledger records (bookkeeping): one queue, run on the loop's next
-        # turn, drained at shutdown
+        # settles, and the chain's metrics and ledger records (bookkeeping): one queue, drained once a request's
+        # answer is out (the bookkeeping waits there for its settle, or the proxy's kick) and at shutdown
         self.deferred = Deferred()
         self.holder = RuntimeHolder(build_runtime(loaded=loaded, keys=load_keys(loaded), metrics=self.metrics,
-                                                bookkeeping=self.deferred.add))
+                                                bookkeeping=self.deferred.hold))
         self.proxy = KServeProxy(settings, self.holder, deferred=self.deferred)
         self._stop = asyncio.Event()
         self.addresses: list[str] = []
@@ -79,7 +79,7 @@ class ProxyServer:
             loaded = load_config(self.config_path)
             old = self.holder.runtime
             self.holder.runtime = build_runtime(loaded=loaded, keys=load_keys(loaded), metrics=self.metrics,
-                                                ledger=old.chain.ledger, bookkeeping=self.deferred.add)
+                                                ledger=old.chain.ledger, bookkeeping=self.deferred.hold)
         except Exception as e:  # noqa: BLE001 - any failure keeps the running chain
             self.metrics.config_reloads.labels("failure").inc()
             log.error("config reload failed, keeping the running config: %s", e)
