@@ -17,6 +17,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .types import Cost, LogprobBatch, RequestContext, Usage, Verdict
 
 if TYPE_CHECKING:  # torch is only needed by sampling defenses, at call time
+    import numpy as np
     import torch
 
     from .keys import KeyRing
@@ -113,6 +114,12 @@ class ResponseDefense(Defense):
         """``apply``, and how many values it changed when the defense counted them on the way (the chain
         counts them itself on None)."""
         return self.apply(batch, ctx), None
+
+    def apply_dense(self, values: np.ndarray, ctx: RequestContext) -> tuple[np.ndarray, int] | None:
+        """``apply_counted`` on dense probability vectors, given as their values alone ([P, C] float32, C >= 1,
+        column j is class j; no sampled token, raw mode, position 0): (new values, values changed), without a
+        batch on either side. None (the default): this defense takes the batch (the chain builds it)."""
+        return None
 
     def prime(self, ctx: RequestContext) -> None:
         """Work ``apply`` needs that depends on the request alone (a keyed seed), done ahead: fronts call the

@@ -36,6 +36,7 @@ from .types import (
     SettleStatus,
     Usage,
     Verdict,
+    dense_ids,
     evolve,
 )
 
@@ -222,7 +223,12 @@ def _check_top_fused(batch: LogprobBatch) -> None:
 
 
 def _check_probs_fused(batch: LogprobBatch) -> None:
-    code, row, value = kernels.check_probs(batch.values, _PROB_SUM_TOL)
+    _check_probs_values(batch.values)
+
+
+def _check_probs_values(values: np.ndarray) -> None:
+    """check_values' rules for dense probability vectors [P, C], in one compiled pass."""
+    code, row, value = kernels.check_probs(values, _PROB_SUM_TOL)
     if code == kernels.OK:
         return
     if code == kernels.NOT_FINITE:
@@ -517,11 +523,7 @@ class DefenseChain:
             except InvalidInput:
                 raise
             except Exception as exc:  # noqa: BLE001
-                dt = self.clock.monotonic() - t0
-                self._timers[(e.name, "protect")].observe(dt)
-                steps.append(Step(e.name, e.mode, error=type(exc).__name__, seconds=dt))
-                if self._failed(e, "protect", exc, ctx):
-                    raise DefenseFailure(e.name, "protect", exc) from exc
+                self._protect_failed(e, exc, t0, steps, ctx)
                 continue
             dt = self.clock.monotonic() - t0
             steps.append(Step(e.name, e.mode, seconds=dt))
@@ -531,11 +533,58 @@ class DefenseChain:
                 applied.append(e.name)
                 current = out
             counts.append(changed)
+        self._protected(steps, counts)
+        return Protected(current, tuple(applied), tuple(steps))
+
+    def protect_dense(self, values: np.ndarray, ctx: RequestContext) -> np.ndarray:
+        """``protect`` for dense probability vectors given as values ([P, C] float32, C >= 1, column j is class
+        j; no sampled token, raw mode, position 0), returning the values: the same checks, defenses in
+        order, failure policy and metrics, without a batch or a Protected around a defense that takes the
+        values directly (``apply_dense``); any other gets the batch ``protect`` would give it."""
+        if kernels.ENABLED:
+            _check_probs_values(values)
+        else:
+            check_values(LogprobBatch.shaped(values, dense_ids(values.shape[0]), OutputKind.PROBABILITIES))
+        ctx = self.prepare(ctx)
+        steps: list[Step] = []
+        counts: list[int] = []
+        current = values
+        for _, e in self.response:
+            d: ResponseDefense = e.defense  # type: ignore[assignment]
+            t0 = self.clock.monotonic()
+            try:
+                r = d.apply_dense(current, ctx)
+                if r is None:
+                    b = LogprobBatch.shaped(current, dense_ids(current.shape[0]), OutputKind.PROBABILITIES)
+                    out_b, n = d.apply_counted(b, ctx)
+                    r = out_b.values, _n_changed(b, out_b) if n is None else n
+            except InvalidInput:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                self._protect_failed(e, exc, t0, steps, ctx)
+                continue
+            steps.append(Step(e.name, e.mode, seconds=self.clock.monotonic() - t0))
+            out, changed = r
+            if changed and e.mode is not Mode.SHADOW:
+                current = out
+            counts.append(changed)
+        self._protected(steps, counts)
+        return current
+
+    def _protect_failed(self, e: ChainEntry, exc: Exception, t0: float, steps: list[Step],
+                        ctx: RequestContext) -> None:
+        """A response defense raised: timed and counted; raises DefenseFailure when its policy fails closed."""
+        dt = self.clock.monotonic() - t0
+        self._timers[(e.name, "protect")].observe(dt)
+        steps.append(Step(e.name, e.mode, error=type(exc).__name__, seconds=dt))
+        if self._failed(e, "protect", exc, ctx):
+            raise DefenseFailure(e.name, "protect", exc) from exc
+
+    def _protected(self, steps: list[Step], counts: list[int]) -> None:
         if self.bookkeeping is None:
             self._book_protect(steps, counts)
         else:  # like an Admit's: once the answer is on its way
             self.bookkeeping(functools.partial(self._book_protect, steps, counts))
-        return Protected(current, tuple(applied), tuple(steps))
 
     def _book_protect(self, steps: list[Step], counts: list[int]) -> None:
         """A Protect's metrics: each defense's time, and the values it changed (or would have, in shadow)."""

@@ -438,6 +438,20 @@ class LogprobBatch:
         return np.ones(self.values.shape, dtype=bool)
 
 
+def dense_ids(rows: int) -> np.ndarray:
+    """The [rows, 0] token ids of dense probability vectors (column j is class j): one shared array per row
+    count (it holds no element, so nothing can write to it)."""
+    ids = _DENSE_IDS.get(rows)
+    if ids is None:
+        if len(_DENSE_IDS) >= 1024:
+            _DENSE_IDS.clear()
+        ids = _DENSE_IDS[rows] = np.empty((rows, 0), dtype=np.int64)  # writeable: numba types read-only apart
+    return ids
+
+
+_DENSE_IDS: dict[int, np.ndarray] = {}
+
+
 @dataclass(frozen=True, slots=True)
 class Detection:
     """A watermark or radioactivity test result; log10_p stays finite far into the tail."""

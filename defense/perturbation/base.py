@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..base import ResponseDefense
-from ..types import LogprobBatch, LogprobsMode, OutputKind, RequestContext
+from ..types import LogprobBatch, LogprobsMode, OutputKind, RequestContext, dense_ids
 from . import kernels
 from .ops import ARGMAX_MARGIN, shift_logprobs
 
@@ -122,7 +122,8 @@ class LogitShift(ResponseDefense):
         svals = batch.sampled_values if with_sampled else _NO_VALUES
         scale = temperature_scale(batch)
         prob = batch.kind is OutputKind.PROBABILITIES
-        fused = self._fused_shift(batch, ctx, sids, svals, scale, prob)  # type: ignore[arg-type]
+        fused = self._fused_shift(batch.values, batch.token_ids, batch.position_offset, ctx, sids, svals,  # type: ignore[arg-type]
+                                  scale, prob)
         if fused is None:
             d = self.deltas(batch, ctx, sids)  # type: ignore[arg-type]
             if scale != 1.0:
@@ -132,10 +133,23 @@ class LogitShift(ResponseDefense):
         new, sampled, changed = fused
         return batch.with_values(new, sampled if with_sampled else batch.sampled_values), int(changed)
 
-    def _fused_shift(self, batch: LogprobBatch, ctx: RequestContext, sampled_ids: np.ndarray,
-                     sampled_values: np.ndarray, scale: float, prob: bool) -> tuple[Any, Any, int] | None:
+    def apply_dense(self, values: np.ndarray, ctx: RequestContext) -> tuple[np.ndarray, int] | None:
+        """``_apply_fused`` for dense probability vectors given as values: the same kernel call, no batch."""
+        if not kernels.ENABLED:
+            return None
+        if values.size == 0 or self.strength(ctx) == 0:
+            return values, 0
+        fused = self._fused_shift(values, dense_ids(values.shape[0]), 0, ctx, _NO_IDS, _NO_VALUES, 1.0, True)
+        if fused is None:
+            return None
+        return fused[0], int(fused[2])
+
+    def _fused_shift(self, values: np.ndarray, ids: np.ndarray, offset: int, ctx: RequestContext,
+                     sampled_ids: np.ndarray, sampled_values: np.ndarray, scale: float,
+                     prob: bool) -> tuple[Any, Any, int] | None:
         """A subclass whose deltas a kernel can draw inside the shift's pass (kernels.keyed_shift) returns
-        ``kernels``' (values, sampled values, changed) here; None: deltas first, then kernels.shift."""
+        ``kernels``' (values, sampled values, changed) here, for a batch's values, token ids and position
+        offset; None: deltas first, then kernels.shift."""
         return None
 
     def _sampled(self, batch: LogprobBatch, ids: np.ndarray, present: np.ndarray, new: np.ndarray,

@@ -74,10 +74,11 @@ class KeyedNoise(LogitShift):
         h = prf.hash_combine(self.seed(ctx.model, ctx.context_digest), rows + batch.position_offset, ids)
         return prf.normal(h) * (self.params.sigma * self.strength(ctx))
 
-    def _fused_shift(self, batch: LogprobBatch, ctx: RequestContext, sampled_ids: np.ndarray,
-                     sampled_values: np.ndarray, scale: float, prob: bool) -> tuple[Any, Any, int]:
-        return kernels.keyed_shift(self.seed(ctx.model, ctx.context_digest), batch.position_offset,
-                                   self.params.sigma * self.strength(ctx), scale, batch.values, batch.token_ids,
+    def _fused_shift(self, values: np.ndarray, ids: np.ndarray, offset: int, ctx: RequestContext,
+                     sampled_ids: np.ndarray, sampled_values: np.ndarray, scale: float,
+                     prob: bool) -> tuple[Any, Any, int]:
+        return kernels.keyed_shift(self.seed(ctx.model, ctx.context_digest), offset,
+                                   self.params.sigma * self.strength(ctx), scale, values, ids,
                                    sampled_ids, sampled_values, self.keep_argmax, prob, prob, ARGMAX_MARGIN)
 
     def perturb(self, values: Any, token_ids: Any, *, seeds: Any, positions: Any, strength: float = 1.0,

@@ -38,7 +38,17 @@ from defense.deferred import Deferred
 from defense.errors import DefenseFailure, InvalidInput
 from defense.identity import identify
 from defense.sidecar.servicer import RuntimeHolder
-from defense.types import Api, LogprobBatch, OutputKind, Prompt, RequestContext, SettleStatus, Usage, evolve
+from defense.types import (
+    Api,
+    LogprobBatch,
+    OutputKind,
+    Prompt,
+    RequestContext,
+    SettleStatus,
+    Usage,
+    dense_ids,
+    evolve,
+)
 
 from . import tensors
 from .settings import ModelSpec, ProxySettings
@@ -141,7 +151,6 @@ class KServeProxy:
         self._channel: grpc.aio.Channel | None = None
         self._calls: dict[str, Any] = {}
         self._ids: dict[int, np.ndarray] = {}  # class-index arrays for dense logprob vectors, by width
-        self._no_ids: dict[int, np.ndarray] = {}  # the empty id arrays of dense probability vectors, by rows
         m = holder.runtime.deps.metrics
         assert m is not None  # noqa: S101 - build_runtime always sets it
         self._metrics = m
@@ -454,15 +463,10 @@ class KServeProxy:
     def _protect(self, values: np.ndarray, kind: OutputKind, ctx: RequestContext, chain: DefenseChain, *,
                  shaped: bool = False) -> np.ndarray:
         # values: [P, C] float32 -> [P, C] float32; shaped: C >= 1 is known (the batch needs no re-validation)
-        if kind is OutputKind.PROBABILITIES:
-            rows = values.shape[0]
-            ids = self._no_ids.get(rows)
-            if ids is None:  # dense: column j is class j (an empty array, shared: no defense writes ids)
-                if len(self._no_ids) >= _MAX_PLANS:
-                    self._no_ids.clear()
-                ids = self._no_ids[rows] = np.empty((rows, 0), dtype=np.int64)
-        else:
-            ids = np.broadcast_to(self._class_ids(values.shape[1]), values.shape)
+        if kind is OutputKind.PROBABILITIES and (shaped or values.shape[1] or not values.shape[0]):
+            return chain.protect_dense(values, ctx)  # dense vectors: no batch around them
+        ids = (dense_ids(values.shape[0]) if kind is OutputKind.PROBABILITIES
+               else np.broadcast_to(self._class_ids(values.shape[1]), values.shape))
         batch = LogprobBatch.shaped(values, ids, kind) if shaped else LogprobBatch(values=values, token_ids=ids, kind=kind)
         return chain.protect(batch, ctx).batch.values
 

@@ -375,3 +375,82 @@ def test_prime_asks_live_response_defenses_in_order_and_leaves_errors_to_protect
     with pytest.raises(DefenseFailure):  # protect meets it again, under the defense's policy
         chain.protect(batch(), ctx())
     assert sample(metrics, "distillguard_defense_errors_total", defense="s2", stage="protect", policy="fail_closed") == 1
+
+
+_DENSE_KEYS = []
+
+
+def _dense_chain(metrics, clock, *, bookkeeping=None, fail_policy=None):
+    from defense.base import Deps
+    from defense.keys import KeyRing
+    from defense.perturbation.keyed import KeyedNoise, KeyedNoiseParams
+    from defense.perturbation.quantize import Quantize, QuantizeParams
+
+    if not _DENSE_KEYS:
+        _DENSE_KEYS.append(KeyRing.generate())  # one key for every chain: the same noise
+    keys = _DENSE_KEYS[0]
+    entries = [
+        ChainEntry("noise", KeyedNoise(KeyedNoiseParams(sigma=0.7), deps=Deps(keys=keys)), Mode.ENFORCE,
+                   OnError.FAIL_OPEN),
+        ChainEntry("watch", KeyedNoise(KeyedNoiseParams(sigma=2.0), deps=Deps(keys=keys)), Mode.SHADOW,
+                   OnError.FAIL_OPEN),
+        ChainEntry("steps", Quantize(QuantizeParams(step=0.05)), Mode.ENFORCE, OnError.FAIL_OPEN),  # no dense path
+    ]
+    if fail_policy is not None:
+        entries.insert(1, shift("boom", fail=True, on_error=fail_policy))
+    return DefenseChain(entries, metrics=metrics, clock=clock, bookkeeping=bookkeeping)
+
+
+def _dense_metrics(metrics):
+    return [sample(metrics, "distillguard_response_values_changed_total", defense=d) for d in ("noise", "steps")] + [
+        sample(metrics, "distillguard_shadow_effects_total", defense="watch", stage="protect"),
+        *(sample(metrics, "distillguard_defense_duration_seconds_count", defense=d, stage="protect")
+          for d in ("noise", "watch", "steps", "boom")),
+        sample(metrics, "distillguard_defense_errors_total", defense="boom", stage="protect", policy="fail_open")]
+
+
+@pytest.mark.parametrize("fail_policy", [None, OnError.FAIL_OPEN])
+def test_protect_dense_gives_protects_values_and_metrics(clock, fail_policy):
+    """The values-only Protect for dense probability vectors is protect() without the batch: the same values
+    bit for bit (a defense with a dense path, one in shadow, one without, one that fails open), the same
+    counts, times and errors."""
+    from defense.metrics import Metrics
+
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(10), size=3).astype(np.float32)
+    probs /= probs.sum(axis=1, keepdims=True)
+    c = ctx(model="m", prompt=Prompt(tensor_bytes=probs.tobytes()))
+    m_batch, m_dense = Metrics(), Metrics()
+    want = _dense_chain(m_batch, clock, fail_policy=fail_policy).protect(
+        LogprobBatch(values=probs.copy(), token_ids=np.empty((3, 0), np.int64), kind=OutputKind.PROBABILITIES), c)
+    got = _dense_chain(m_dense, clock, fail_policy=fail_policy).protect_dense(probs.copy(), c)
+    assert want.applied == ("noise", "steps")
+    assert got.dtype == np.float32 and got.shape == probs.shape
+    np.testing.assert_array_equal(got, want.batch.values)
+    assert not np.array_equal(got, probs)
+    assert _dense_metrics(m_dense) == _dense_metrics(m_batch)
+    assert _dense_metrics(m_dense)[2:6] == [1.0, 1.0, 1.0, 1.0]  # the shadow's effect; each defense timed
+
+
+def test_protect_dense_checks_values_and_fails_closed_like_protect(clock, metrics):
+    chain = _dense_chain(metrics, clock)
+    for bad, match in (([[np.nan, 1.0]], "NaN or infinity"), ([[-0.1, 1.1]], ">= 0"), ([[0.5, 0.6]], "sum to 1")):
+        with pytest.raises(InvalidInput, match=match):
+            chain.protect_dense(np.array(bad, np.float32), ctx(model="m"))
+    closed = _dense_chain(metrics, clock, fail_policy=OnError.FAIL_CLOSED)
+    with pytest.raises(DefenseFailure, match="boom"):
+        closed.protect_dense(np.array([[0.25, 0.75]], np.float32), ctx(model="m"))
+    assert sample(metrics, "distillguard_defense_errors_total", defense="boom", stage="protect",
+                  policy="fail_closed") == 1.0
+
+
+def test_protect_dense_bookkeeping_waits_like_protects(clock):
+    from defense.metrics import Metrics
+
+    queued: list = []
+    metrics = Metrics()
+    _dense_chain(metrics, clock, bookkeeping=queued.append).protect_dense(np.array([[0.25, 0.75]], np.float32),
+                                                                       ctx(model="m"))
+    assert len(queued) == 1 and sum(_dense_metrics(metrics)) == 0.0
+    queued.pop()()
+    assert _dense_metrics(metrics)[3] == 1.0

@@ -518,9 +518,11 @@ def test_the_keyed_seeds_are_primed_before_the_answer_comes(batched):
     def spy(proxy):
         chain = proxy.holder.runtime.chain
         noise.append(chain.response[0][1].defense)
-        prime, protect = chain.prime, chain.protect
+        prime, protect, dense = chain.prime, chain.protect, chain.protect_dense
         chain.prime = lambda ctx: (events.append(("prime", ctx.context_digest)), prime(ctx))[1]
         chain.protect = lambda b, ctx: (events.append(("protect", ctx.context_digest)), protect(b, ctx))[1]
+        # probability vectors take the values-only Protect
+        chain.protect_dense = lambda v, ctx: (events.append(("protect", ctx.context_digest)), dense(v, ctx))[1]
 
     async def body(stub, fake):
         await stub.ModelInfer(x_request(), metadata=BEARER)
