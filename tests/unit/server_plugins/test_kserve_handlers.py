@@ -252,6 +252,93 @@ def test_a_response_that_does_not_fit_the_config_is_internal_and_settled():
 
 
 
+def _probs_only(probs: np.ndarray = PROBS, extra: bool = False) -> Callable[[pb.ModelInferRequest], Any]:
+    """A Triton answer with the asked probabilities alone (the usual answer), or an extra output beside."""
+    def respond(req):
+        resp = pb.ModelInferResponse(model_name=req.model_name, id=req.id)
+        resp.outputs.add(name="probs", datatype="FP32", shape=list(probs.shape))
+        resp.raw_output_contents.append(probs.tobytes())
+        if extra:
+            resp.outputs.add(name="extra", datatype="INT32", shape=[2])
+            resp.raw_output_contents.append(np.ones(2, np.int32).tobytes())
+        return resp
+
+    return respond
+
+
+def _probs_of(raw: bytes) -> np.ndarray:
+    resp = pb.ModelInferResponse.FromString(raw)
+    assert [o.name for o in resp.outputs] == ["probs"]
+    return np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(list(resp.outputs[0].shape))
+
+
+def _raw_infer(stub):
+    return stub.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+
+def test_an_answer_shaped_like_the_last_is_protected_where_it_lies_and_alike():
+    """The usual answer (one FP32 probability output) is protected in full once; the next ones with the same
+    bytes around the tensor are protected in place, with no decode and re-encode: the same noise for the
+    same input, a new answer's noise for a new input, and a changed answer takes the full path again."""
+    taken: list[bool] = []
+
+    def spy(proxy):
+        alike = proxy._answer_alike
+        proxy._answer_alike = lambda out, prep: (lambda r: (taken.append(r is not None), r)[1])(alike(out, prep))
+
+    async def body(stub, fake):
+        infer = _raw_infer(stub)
+        ask = x_request(outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="probs")])
+        fake.respond = _probs_only()
+        first = _probs_of(await infer(ask.SerializeToString(), metadata=BEARER))
+        second = _probs_of(await infer(ask.SerializeToString(), metadata=BEARER))
+        assert taken == [False, True]
+        np.testing.assert_array_equal(first, second)  # keyed: the same input, the same noise either way
+        assert not np.array_equal(first, PROBS) and (first.argmax(1) == PROBS.argmax(1)).all()
+        np.testing.assert_allclose(first.sum(1), 1.0, atol=1e-5)
+        other = x_request(outputs=ask.outputs)
+        other.raw_input_contents[0] = np.full(4, 7, np.float32).tobytes()
+        assert not np.array_equal(_probs_of(await infer(other.SerializeToString(), metadata=BEARER)), first)
+        assert taken[-1] is True
+        fake.respond = _probs_only(PROBS[:1])  # another shape: the full path, and it is learnt in turn
+        one = _probs_of(await infer(ask.SerializeToString(), metadata=BEARER))
+        assert one.shape == (1, 3) and taken[-1] is False
+        fake.respond = _probs_only(extra=True)  # an output the client did not ask for: dropped in full
+        assert _probs_of(await infer(ask.SerializeToString(), metadata=BEARER)).shape == (2, 3)
+        assert taken[-1] is False
+
+    run([RECORDER, NOISE], body, setup=spy, models={"mlp": {"probabilities": ["probs"], "batched": False}})
+    assert [c for _, c in support_defenses.CALLS].count("settle ok 0") == 5
+
+
+def test_an_answer_alike_that_does_not_fit_the_config_is_internal_and_settled():
+    async def body(stub, fake):
+        infer = _raw_infer(stub)
+        ask = x_request(outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="probs")])
+        fake.respond = _probs_only()
+        await infer(ask.SerializeToString(), metadata=BEARER)  # learnt
+        fake.respond = _probs_only(np.where(PROBS > 0.5, np.nan, PROBS).astype(np.float32))
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await infer(ask.SerializeToString(), metadata=BEARER)
+        assert ei.value.code() is grpc.StatusCode.INTERNAL and "NaN" in ei.value.details()
+
+    run([RECORDER, NOISE], body, models={"mlp": {"probabilities": ["probs"], "batched": False}})
+    settles = sorted(c for _, c in support_defenses.CALLS if c.startswith("settle"))
+    assert settles == ["settle ok 0", "settle upstream_error 0"]
+
+
+def test_without_a_response_defense_an_answer_alike_goes_back_as_it_came():
+    async def body(stub, fake):
+        infer = _raw_infer(stub)
+        ask = x_request(outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="probs")])
+        fake.respond = _probs_only()
+        for _ in range(2):
+            raw = await infer(ask.SerializeToString(), metadata=BEARER)
+            assert raw == _probs_only()(ask).SerializeToString()
+
+    run([RECORDER], body, models={"mlp": {"probabilities": ["probs"], "batched": False}})
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 def test_an_answer_whose_rows_do_not_match_the_batch_is_internal_and_settled(rows):
     """Each batch row is protected with its own row's context: an answer with another number of rows has
