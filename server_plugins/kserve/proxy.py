@@ -87,6 +87,7 @@ class Prepared:
     asked: frozenset[str]  # outputs the client named; empty: all it may have
     client_id: str = ""  # the id the client gave (streams replace it upstream with a unique one)
     settled: bool = False
+    plan: _Plan | None = None  # what the request's structure decided (None: a stream's, not kept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,16 @@ class _Out:
     nbytes: int = 0  # raw bytes, by the declared shape and datatype
     # FP32 with the dimensions the config asks for: raw bytes in, raw bytes out (KServeProxy._protect_f32)
     direct: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """A request's bytes before its one input tensor, and what they decided (KServeProxy._ask_shape)."""
+
+    head: bytes
+    request: Any  # the request they were learnt from, without its tensor: names, shapes, outputs, id
+    plan: _Plan
+    early: bool  # nothing in them stops early forwarding (no bypass or sequence parameter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +193,7 @@ class KServeProxy:
         self._plans: dict[tuple[Any, ...], _Plan] = {}  # by request structure (_structure)
         self._out_plans: dict[tuple[Any, ...], tuple[ModelSpec, tuple[_Out, ...]]] = {}  # see _outputs
         self._answers: dict[tuple[Any, ...], _Answer] = {}  # by (spec, outputs asked): see _answer_shape
+        self._asks: dict[int, _Ask] = {}  # by the request's length: see _ask_shape
         self._reads: tuple[DefenseChain | None, bool] = (None, False)  # does the chain read input values
 
     # -- wiring ---------------------------------------------------------------------------------
@@ -293,7 +305,7 @@ class KServeProxy:
         return identify(headers, rt.keys, tenant_header=ident.tenant_header, default_tenant=ident.default_tenant)
 
     def _forward_early(self, request: Any, raw: bytes, md: Sequence[tuple[str, Any]], client: str,
-                       context: grpc.aio.ServicerContext) -> Any:
+                       context: grpc.aio.ServicerContext, ask: _Ask | None = None) -> Any:
         """Start the upstream call before admission when it is safe to (``settings.early_forward``): the
         client's last request was admitted, it has fewer early calls in flight than the cap, and Triton
         would get exactly these bytes after admission. Returns the call, or None."""
@@ -303,12 +315,16 @@ class KServeProxy:
         n = self._admitted.get(client)
         if n is None or n >= s.early_forward_max_in_flight:
             return None
-        returned = self._returned.get(request.model_name)
-        if returned is None or len(raw) > s.max_input_bytes or _blocks_early(raw):
-            return None
-        for o in request.outputs:
-            if o.name not in returned:  # a withheld output: Triton gets a rewritten request
+        if ask is not None:  # a request shaped like one checked before: its head was scanned then
+            if not ask.early:
                 return None
+        else:
+            returned = self._returned.get(request.model_name)
+            if returned is None or len(raw) > s.max_input_bytes or _blocks_early(raw):
+                return None
+            for o in request.outputs:
+                if o.name not in returned:  # a withheld output: Triton gets a rewritten request
+                    return None
         self._admitted[client] = n + 1
         return self._calls["ModelInfer"](raw, timeout=self._timeout(context), metadata=self._forward(md))
 
@@ -328,8 +344,18 @@ class KServeProxy:
 
     async def prepare(self, request: Any, raw: bytes | None, md: Sequence[tuple[str, Any]],
                       context: grpc.aio.ServicerContext, *, upstream_id: str | None = None,
-                      who: tuple[str, str] | None = None) -> Prepared:
-        """Check the request, admit it, and build what goes upstream. Raises Refusal or InvalidInput."""
+                      who: tuple[str, str] | None = None, ask: _Ask | None = None) -> Prepared:
+        """Check the request, admit it, and build what goes upstream. Raises Refusal or InvalidInput.
+
+        ``ask``: ``raw`` has the bytes of a request checked before but for its input tensor, which comes last
+        (_ask_shape); ``request`` is that request without its tensor, so the tensor is read from ``raw``."""
+        if ask is not None:
+            meta = self._meta.get((ask.request.model_name, ask.request.model_version))
+            if meta is not None and meta[1] is ask.plan.meta and \
+                    self.clock.monotonic() - meta[0] < self.settings.metadata_ttl_s:
+                return self._admit(ask.request, raw, [raw[len(ask.head):]],  # type: ignore[index]
+                                   self.settings.models[ask.request.model_name], ask.plan, md, upstream_id, who)
+            request = pb.ModelInferRequest.FromString(raw)  # metadata to refresh: checked in full
         model = request.model_name
         spec = self.settings.models.get(model)
         if spec is None:
@@ -354,8 +380,13 @@ class KServeProxy:
                 if len(self._plans) >= _MAX_PLANS:
                     self._plans.clear()
                 self._plans[key] = plan
-        batch = plan.batch
+        return self._admit(request, raw, data, spec, plan, md, upstream_id, who)
 
+    def _admit(self, request: Any, raw: bytes | None, data: list[bytes], spec: ModelSpec, plan: _Plan,
+               md: Sequence[tuple[str, Any]], upstream_id: str | None, who: tuple[str, str] | None) -> Prepared:
+        """prepare's admission, for a request that passed the checks (``data``: its inputs' bytes)."""
+        model = request.model_name
+        batch = plan.batch
         chain = self.holder.runtime.chain
         client, tenant = who if who is not None else self._who(md)
         layout = plan.layout
@@ -403,7 +434,7 @@ class KServeProxy:
             upstream = up.SerializeToString()
         else:
             upstream = raw if raw is not None else request.SerializeToString()
-        return Prepared(adm, spec, upstream, row_ctxs, plan.asked, client_id=request.id)
+        return Prepared(adm, spec, upstream, row_ctxs, plan.asked, client_id=request.id, plan=plan)
 
     def _plan(self, request: Any, meta: tensors.ModelMeta, spec: ModelSpec) -> tuple[_Plan, list[bytes]]:
         """Check a request in full against the model's metadata and the proxy config (raises InvalidInput or
@@ -543,6 +574,28 @@ class KServeProxy:
                 del response.raw_output_contents[i]
         return returned
 
+    def _ask_shape(self, request: Any, raw: bytes, prep: Prepared) -> None:
+        """Remember what a request's bytes before its input tensor decided, when it is the usual request: one
+        input, as raw bytes, keyed by one context, all its outputs returned. The raw contents are the
+        message's last field, so a request with the same bytes before them has the same model, id, inputs'
+        names, datatypes and shapes, outputs and parameters (the scans for bypass and sequence parameters
+        looked at these bytes), and a tensor of the same size: its checks and plan are this one's."""
+        plan = prep.plan
+        contents = request.raw_input_contents
+        if plan is None or plan.layout is None or plan.withheld or prep.rows is not None or len(contents) != 1 \
+                or len(request.inputs) != 1:
+            return
+        data = contents[0]
+        head = raw[:len(raw) - len(data)]
+        if not head.endswith(_last_field(7, len(data))) or not raw.endswith(data) or _names_bypass(head):
+            return
+        shape = pb.ModelInferRequest()
+        shape.CopyFrom(request)
+        del shape.raw_input_contents[:]  # never read a learnt request's tensor for a new one's
+        if len(self._asks) >= _MAX_PLANS:
+            self._asks.clear()
+        self._asks[len(raw)] = _Ask(head, shape, plan, early=not _blocks_early(head))
+
     def _answer_shape(self, out: bytes, response: Any, prep: Prepared) -> tuple[tuple[Any, ...], _Answer] | None:
         """What the next answers shaped like this one can reuse (_answer_alike), when it is the usual answer:
         one FP32 output to protect, as raw bytes, for a request keyed by one context. The raw contents are the
@@ -553,7 +606,8 @@ class KServeProxy:
             return None
         act = self._outputs(response, prep, True)[0]
         data = contents[0]
-        if act.what is not _PROTECT or not act.direct or len(data) != act.nbytes or not out.endswith(data):
+        if act.what is not _PROTECT or not act.direct or len(data) != act.nbytes or not out.endswith(data) \
+                or not out[:len(out) - len(data)].endswith(_last_field(6, len(data))):
             return None
         if len(self._answers) >= _MAX_PLANS:
             self._answers.clear()
@@ -618,19 +672,26 @@ class KServeProxy:
         early: Any = None
         who = ("", "")
         try:
-            request = pb.ModelInferRequest.FromString(raw)
+            ask = self._asks.get(len(raw))  # a request shaped like one checked before: its checks are done
+            if ask is not None and raw.startswith(ask.head):
+                request = ask.request
+            else:
+                ask = None
+                request = pb.ModelInferRequest.FromString(raw)
             md = context.invocation_metadata() or ()
             who = self._who(md)
-            early = self._forward_early(request, raw, md, who[0], context)
+            early = self._forward_early(request, raw, md, who[0], context, ask)
             if early is not None:
                 await asyncio.sleep(0)  # the call's task sends the request: Triton works while this one is admitted
             try:
-                prep = await self.prepare(request, raw, md, context, who=who)
+                prep = await self.prepare(request, raw, md, context, who=who, ask=ask)
             except BaseException:
                 if early is not None:
                     early.cancel()
                     self._early_cancelled.inc()
                 raise
+            if ask is None:
+                self._ask_shape(request, raw, prep)
             try:
                 if early is not None:
                     self._early_used.inc()
@@ -764,6 +825,16 @@ class KServeProxy:
             call.cancel()
         if failure is not None:
             await context.abort(failure.code, failure.message)
+
+
+def _last_field(number: int, size: int) -> bytes:
+    """The wire header of a length-delimited protobuf field (its tag, then its size as a varint)."""
+    out = bytearray([number << 3 | 2])
+    while size >= 0x80:
+        out.append(size & 0x7F | 0x80)
+        size >>= 7
+    out.append(size)
+    return bytes(out)
 
 
 def _names_bypass(raw: bytes) -> bool:

@@ -76,7 +76,7 @@ def x_request(rows: int = 2, **kw: Any) -> pb.ModelInferRequest:
 
 
 def run(defenses: list[dict], body: Callable[..., Any], *, models: dict | None = None,
-        setup: Callable[[KServeProxy], None] | None = None) -> None:
+        setup: Callable[[KServeProxy], None] | None = None, settings: dict | None = None) -> None:
     async def main() -> None:
         fake = FakeTriton()
         upstream = grpc.aio.server()
@@ -85,9 +85,8 @@ def run(defenses: list[dict], body: Callable[..., Any], *, models: dict | None =
         await upstream.start()
         loaded = parse_config({"version": 1, "state": {"uri": "memory://"}, "defenses": defenses})
         holder = RuntimeHolder(build_runtime(loaded=loaded, keys=KeyRing.generate(), metrics=Metrics()))
-        settings = parse_settings({"upstream": f"127.0.0.1:{port}", "models": models or {
-            "mlp": {"probabilities": ["probs", "half"], "strip": ["logits"], "batched": False}}})
-        proxy = KServeProxy(settings, holder)
+        proxy = KServeProxy(parse_settings({"upstream": f"127.0.0.1:{port}", **(settings or {}), "models": models or {
+            "mlp": {"probabilities": ["probs", "half"], "strip": ["logits"], "batched": False}}}), holder)
         if setup is not None:
             setup(proxy)
         server = grpc.aio.server()
@@ -308,6 +307,51 @@ def test_an_answer_shaped_like_the_last_is_protected_where_it_lies_and_alike():
         assert taken[-1] is False
 
     run([RECORDER, NOISE], body, setup=spy, models={"mlp": {"probabilities": ["probs"], "batched": False}})
+    assert [c for _, c in support_defenses.CALLS].count("settle ok 0") == 5
+
+
+@pytest.mark.parametrize("ttl", [300.0, 0.0])
+def test_a_request_shaped_like_one_checked_before_is_admitted_from_its_bytes_alike(ttl):
+    """A request whose bytes before its input tensor match a request checked before skips the decode and
+    the checks (the tensor is the message's last field): its own tensor goes upstream and keys its noise,
+    as in full; another id or expired metadata takes the full path."""
+    asks: list[bool] = []
+    state: dict[str, Any] = {}
+
+    def spy(proxy):
+        state["proxy"] = proxy
+        prepare = proxy.prepare
+
+        async def spied(*a, **kw):
+            asks.append(kw.get("ask") is not None)
+            return await prepare(*a, **kw)
+
+        proxy.prepare = spied
+
+    def with_data(values, **kw):
+        req = x_request(outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="probs")], **kw)
+        req.raw_input_contents[0] = np.asarray(values, np.float32).tobytes()
+        return req.SerializeToString()
+
+    async def body(stub, fake):
+        infer = _raw_infer(stub)
+        fake.respond = _probs_only()
+        await infer(with_data([0, 1, 2, 3]), metadata=BEARER)
+        alike = await infer(with_data([4, 5, 6, 7]), metadata=BEARER)
+        assert np.frombuffer(fake.requests[-1].raw_input_contents[0], np.float32).tolist() == [4, 5, 6, 7]
+        assert asks == [False, True]
+        learnt = next(iter(state["proxy"]._asks.values()))
+        assert len(learnt.request.raw_input_contents) == 0  # a learnt request's tensor is never at hand
+        state["proxy"]._asks.clear()
+        full = await infer(with_data([4, 5, 6, 7]), metadata=BEARER)
+        assert asks[-1] is False and alike == full  # the same checks, digest and noise as in full
+        await infer(with_data([4, 5, 6, 7], id="mine"), metadata=BEARER)
+        assert asks[-1] is False  # another id: other bytes before the tensor
+        await infer(with_data([1, 1, 1, 1]), metadata=BEARER)
+        assert asks[-1] is True
+
+    run([RECORDER, NOISE], body, setup=spy, models={"mlp": {"probabilities": ["probs"], "batched": False}},
+        settings={"metadata_ttl_s": ttl})  # 0: each request checked against metadata fetched anew
     assert [c for _, c in support_defenses.CALLS].count("settle ok 0") == 5
 
 
