@@ -71,6 +71,7 @@ _BYPASS_WORDS = (b"shared_memory_", b"classification")
 _EARLY_BLOCKERS = (*_BYPASS_WORDS, b"sequence_")
 _MAX_TRACKED = 100_000  # clients whose last request was admitted, remembered for early forwarding
 _MAX_PLANS = 1024  # request structures remembered (each model and batch size makes one)
+_MAX_WHOS = 4096  # callers' metadata remembered with the identity it gives
 _FINAL = "triton_final_response"
 
 
@@ -194,6 +195,8 @@ class KServeProxy:
         self._out_plans: dict[tuple[Any, ...], tuple[ModelSpec, tuple[_Out, ...]]] = {}  # see _outputs
         self._answers: dict[tuple[Any, ...], _Answer] = {}  # by (spec, outputs asked): see _answer_shape
         self._asks: dict[int, _Ask] = {}  # by the request's length: see _ask_shape
+        # (client, tenant) by the call's whole metadata, for the runtime that identified them (_who)
+        self._whos: tuple[Any, dict[tuple[Any, ...], tuple[str, str]]] = (None, {})
         self._reads: tuple[DefenseChain | None, bool] = (None, False)  # does the chain read input values
 
     # -- wiring ---------------------------------------------------------------------------------
@@ -298,11 +301,22 @@ class KServeProxy:
     def _who(self, md: Sequence[tuple[str, Any]]) -> tuple[str, str]:
         """(client, tenant): the client is the keyed hash of its bearer token, the tenant a header."""
         rt = self.holder.runtime
+        whos = self._whos
+        if whos[0] is not rt:  # a reload may bring other keys or identity settings
+            whos = self._whos = (rt, {})
+        hit = whos[1].get(md) if type(md) is tuple else None  # a client sends the same metadata each call
+        if hit is not None:
+            return hit
         ident = rt.chain.identity
         if rt.keys is None:
             return "anonymous", ident.default_tenant
         headers = {k: v for k, v in md if isinstance(v, str)}
-        return identify(headers, rt.keys, tenant_header=ident.tenant_header, default_tenant=ident.default_tenant)
+        who = identify(headers, rt.keys, tenant_header=ident.tenant_header, default_tenant=ident.default_tenant)
+        if type(md) is tuple:
+            if len(whos[1]) >= _MAX_WHOS:
+                whos[1].clear()
+            whos[1][md] = who
+        return who
 
     def _forward_early(self, request: Any, raw: bytes, md: Sequence[tuple[str, Any]], client: str,
                        context: grpc.aio.ServicerContext, ask: _Ask | None = None) -> Any:

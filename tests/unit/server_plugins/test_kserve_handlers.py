@@ -791,3 +791,27 @@ def test_word_scans_match_their_word_lists(head, tail):
         for w in words:
             assert scan(head + w + tail)
         assert scan(head + tail) == any(w in head + tail for w in words)
+
+
+def test_identity_is_remembered_by_the_callers_metadata_until_a_reload():
+    """The same metadata gives the same (client, tenant) without a new keyed hash; other tokens or tenants
+    give theirs; a reloaded runtime (other keys) identifies anew."""
+    def mk_runtime():
+        loaded = parse_config({"version": 1, "state": {"uri": "memory://"}, "defenses": []})
+        return build_runtime(loaded=loaded, keys=KeyRing.generate(), metrics=Metrics())
+
+    holder = RuntimeHolder(mk_runtime())
+    proxy = KServeProxy(parse_settings({"upstream": "127.0.0.1:1", "models": {"mlp": {"probabilities": ["p"]}}}),
+                        holder)
+    a = (("authorization", "Bearer token-a"), ("user-agent", "grpc-python"))
+    b = (("authorization", "Bearer token-b"), ("user-agent", "grpc-python"))
+    t = (("authorization", "Bearer token-a"), ("x-distillguard-tenant", "acme"))
+    first = proxy._who(a)
+    assert first[0].startswith("c_") and proxy._who(tuple(a)) == first
+    assert proxy._who(b)[0] not in (first[0], "anonymous") and proxy._who(list(a)) == first
+    assert proxy._who(t) == (first[0], "acme") and proxy._who(()) == ("anonymous", "default")
+    holder.runtime.chain.close()
+    holder.runtime = mk_runtime()
+    again = proxy._who(a)
+    assert again[0].startswith("c_") and again != first  # another key file: another id for the same token
+    holder.runtime.chain.close()
