@@ -754,6 +754,57 @@ def test_any_request_gets_a_reasoned_status_and_every_admitted_one_settles_once(
 
 
 
+@st.composite
+def _usual_requests(draw: st.DrawFn) -> bytes:
+    """The request a client sends over and over: one FP32 input, the probabilities asked, ids from few."""
+    rows = draw(st.integers(1, 3))
+    req = x_request(rows=rows, id=draw(st.sampled_from(["", "", "a"])),
+                    outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="probs")])
+    req.raw_input_contents[0] = np.asarray(draw(st.lists(st.floats(-4, 4, width=32), min_size=2 * rows,
+                                                         max_size=2 * rows)), np.float32).tobytes()
+    return req.SerializeToString()
+
+
+def _asked_only(req: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    """FakeTriton's answer with only the outputs the request names (all of them when it names none)."""
+    full = FakeTriton.default(req)
+    names = {o.name for o in req.outputs}
+    resp = pb.ModelInferResponse(model_name=full.model_name, id=full.id)
+    for out, data in zip(full.outputs, full.raw_output_contents, strict=True):
+        if not names or out.name in names:
+            resp.outputs.add().CopyFrom(out)
+            resp.raw_output_contents.append(data)
+    return resp
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.one_of(_odd_requests(), _usual_requests()), min_size=8, max_size=16), st.booleans())
+def test_requests_and_answers_alike_get_what_the_full_path_gives(raws, batched):
+    """Whatever came before, a request (and its answer) taken by its bytes alike gets the outcome the full
+    decode and checks give it: the same answer bytes, or the same refusal."""
+    proxies: list[KServeProxy] = []
+
+    async def outcome(call, raw):
+        try:
+            return "ok", await call(raw, metadata=BEARER, timeout=10)
+        except grpc.aio.AioRpcError as e:
+            return e.code(), e.details()
+
+    async def body(stub, fake):
+        fake.respond = _asked_only
+        call = stub.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for raw in raws:
+            got = [await outcome(call, raw), await outcome(call, raw)]  # the second finds the first learnt
+            proxies[0]._asks.clear()
+            proxies[0]._answers.clear()
+            full = await outcome(call, raw)
+            assert got == [full, full], raw
+
+    run([NOISE], body, setup=proxies.append,
+        models={"mlp": {"probabilities": ["probs", "half"], "strip": ["logits"], "batched": batched},
+                "txt": {"probabilities": ["probs"], "strip": ["logits"], "batched": batched}})
+
+
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.lists(_odd_requests(), min_size=12, max_size=24), st.booleans())
 def test_a_stream_of_any_requests_answers_each_and_settles_every_admitted_one(raws, batched):
