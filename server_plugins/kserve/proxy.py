@@ -704,8 +704,8 @@ class KServeProxy:
                     early.cancel()
                     self._early_cancelled.inc()
                 raise
-            if ask is None:
-                self._ask_shape(request, raw, prep)
+            if ask is None or prep.plan is not ask.plan:  # new, or checked anew against refreshed metadata
+                self._ask_shape(pb.ModelInferRequest.FromString(raw) if ask is not None else request, raw, prep)
             try:
                 if early is not None:
                     self._early_used.inc()

@@ -349,6 +349,9 @@ def test_a_request_shaped_like_one_checked_before_is_admitted_from_its_bytes_ali
         assert asks[-1] is False  # another id: other bytes before the tensor
         await infer(with_data([1, 1, 1, 1]), metadata=BEARER)
         assert asks[-1] is True
+        proxy = state["proxy"]
+        # learnt against the metadata in use (with a TTL of 0, fetched anew for each request and learnt again)
+        assert next(iter(proxy._asks.values())).plan.meta is proxy._meta[("mlp", "")][1]
 
     run([RECORDER, NOISE], body, setup=spy, models={"mlp": {"probabilities": ["probs"], "batched": False}},
         settings={"metadata_ttl_s": ttl})  # 0: each request checked against metadata fetched anew
