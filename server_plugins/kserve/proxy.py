@@ -620,12 +620,13 @@ class KServeProxy:
             return None
         act = self._outputs(response, prep, True)[0]
         data = contents[0]
+        head = out[:len(out) - len(data)]
         if act.what is not _PROTECT or not act.direct or len(data) != act.nbytes or not out.endswith(data) \
-                or not out[:len(out) - len(data)].endswith(_last_field(6, len(data))):
+                or not head.endswith(_last_field(6, len(data))):
             return None
         if len(self._answers) >= _MAX_PLANS:
             self._answers.clear()
-        return (id(prep.spec), prep.asked), _Answer(prep.spec, out[:len(out) - act.nbytes], act)
+        return (id(prep.spec), prep.asked), _Answer(prep.spec, head, act)
 
     def _answer_alike(self, out: bytes, prep: Prepared) -> tuple[bytes, int] | None:
         """(the answer to return, values returned) for an answer whose bytes before its tensor are those of
